@@ -1,0 +1,3 @@
+"""Esper: grow neural networks while they train."""
+
+__version__ = "0.1.0"

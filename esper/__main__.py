@@ -1,0 +1,5 @@
+import sys
+
+from esper.cli import main
+
+sys.exit(main())

@@ -1,0 +1,39 @@
+"""One settings object, read from ``ESPER_*`` once at start-up and passed down."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob Esper reads from the environment (prefix ``ESPER_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ESPER_", frozen=True, extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".esper")
+    nats_url: str | None = None
+    database_url: str | None = None
+    signing_key: Path | None = None
+    public_key: Path | None = None
+    targets: str | None = None
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @property
+    def endpoints_file(self) -> Path:
+        return self.home / "endpoints.json"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
