@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
-
-# Modules under esper.cli that each register one or more subcommands.
-COMMAND_MODULES = ("ir",)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esper", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"esper.cli.{name}").register(sub)
+    # Every module in this package registers its own commands, so adding a
+    # command never means editing a central list.
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}").register(sub)
     return parser
 
 
