@@ -14,3 +14,15 @@ class IRValidationError(EsperError, ValueError):
 
 class ConfigError(EsperError, ValueError):
     """A setting is missing or invalid."""
+
+
+class ArtifactError(EsperError, ValueError):
+    """A kernel artifact was refused; nothing from it was imported or launched."""
+
+
+class ArtifactSignatureError(ArtifactError):
+    """The artifact is unsigned, tampered with, or signed by a key we do not trust."""
+
+
+class ArtifactIntegrityError(ArtifactError):
+    """The artifact is malformed, oversized, or a file does not match its digest."""
