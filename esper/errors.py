@@ -26,3 +26,7 @@ class ArtifactSignatureError(ArtifactError):
 
 class ArtifactIntegrityError(ArtifactError):
     """The artifact is malformed, oversized, or a file does not match its digest."""
+
+
+class ServerStartError(EsperError, RuntimeError):
+    """An embedded server (nats-server, PostgreSQL) failed to start or become ready."""

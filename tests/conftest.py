@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ["tests.fixtures.services"]
+
 
 def _cuda_available() -> bool:
     try:

@@ -1,0 +1,1 @@
+"""Infrastructure: embedded NATS and PostgreSQL servers, and where to find them."""
