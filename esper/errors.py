@@ -30,3 +30,36 @@ class ArtifactIntegrityError(ArtifactError):
 
 class ServerStartError(EsperError, RuntimeError):
     """An embedded server (nats-server, PostgreSQL) failed to start or become ready."""
+
+
+class MalformedEvent(EsperError, ValueError):
+    """A message cannot be decoded into the event its subject promises; it is
+    dead-lettered at once, never retried."""
+
+    def __init__(self, subject: str, problem: str) -> None:
+        super().__init__(f"malformed event on {subject}: {problem}")
+        self.subject = subject
+        self.problem = problem
+
+
+class Retry(EsperError):
+    """Raised by a handler: roll back and redeliver after ``delay`` seconds
+    (None: the runtime's backoff for this delivery count)."""
+
+    def __init__(self, reason: str = "retry requested", delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class Reject(EsperError):
+    """Raised by a handler: the message can never succeed; roll back, dead-letter
+    it with ``reason`` and stop redelivery."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class IllegalTransition(EsperError, RuntimeError):
+    """A seed was asked to move between lifecycle states the table does not allow."""

@@ -1,0 +1,60 @@
+"""What a failure means for the message that caused it: retry later, or give
+up now. Infrastructure trouble (Postgres or NATS unreachable, a timeout, a
+serialisation conflict) is transient; a Reject or a bad value is permanent."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+
+import nats.errors
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from esper.errors import MalformedEvent, Reject, Retry
+
+# SQLSTATE classes that say "try again": connection exception, transaction
+# rollback (serialisation, deadlock), insufficient resources, operator
+# intervention (shutdown, starting up).
+_TRANSIENT_SQLSTATE = ("08", "40", "53", "57")
+
+
+class Verdict(enum.Enum):
+    RETRY = "retry"  # nak with a delay; dead-letter once max_deliver is reached
+    REJECT = "reject"  # dead-letter and term now
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures of the infrastructure rather than of the message."""
+    if isinstance(exc, Retry):
+        return True
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        state = getattr(exc.orig, "sqlstate", None) or ""
+        return state[:2] in _TRANSIENT_SQLSTATE
+    return isinstance(
+        exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError | nats.errors.Error
+    )
+
+
+def classify(exc: BaseException) -> Verdict:
+    """Reject, malformed events and bad values (ValueError, TypeError, KeyError:
+    IRValidationError and pydantic's ValidationError among them) are permanent;
+    everything else is retried with backoff until ``max_deliver``."""
+    if isinstance(exc, Reject | MalformedEvent):
+        return Verdict.REJECT
+    if is_transient(exc):
+        return Verdict.RETRY
+    if isinstance(exc, ValueError | TypeError | KeyError | LookupError):
+        return Verdict.REJECT
+    return Verdict.RETRY
+
+
+def describe(exc: BaseException) -> str:
+    """The reason stored with a dead letter: type and message, bounded."""
+    if isinstance(exc, Reject):
+        return exc.reason[:4000]
+    text = str(exc) or repr(exc)
+    return f"{type(exc).__name__}: {text}"[:4000]

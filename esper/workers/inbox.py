@@ -1,0 +1,51 @@
+"""The inbox: one row per (stage, event_id) a stage has committed. Claiming an
+event inserts its row in the handler's transaction; a redelivery finds the
+row (or waits on the other transaction's lock) and is skipped."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from esper.db.models import InboxEntry
+
+_inbox = InboxEntry.__table__
+
+
+async def claim(
+    session: AsyncSession, stage: str, events: Sequence[tuple[uuid.UUID, str]]
+) -> set[uuid.UUID]:
+    """Insert inbox rows for ``(event_id, subject)`` pairs; returns the ids that
+    were new (those the stage must handle). One statement for the whole batch."""
+    if not events:
+        return set()
+    stmt = (
+        insert(_inbox)
+        .values([{"stage": stage, "event_id": eid, "subject": subj} for eid, subj in events])
+        .on_conflict_do_nothing(index_elements=["stage", "event_id"])
+        .returning(_inbox.c.event_id)
+    )
+    return set((await session.execute(stmt)).scalars())
+
+
+async def prune(session: AsyncSession, older_than: timedelta) -> int:
+    """Forget rows older than any redelivery can be (JetStream's backoff is far shorter)."""
+    result = await session.execute(
+        delete(_inbox).where(_inbox.c.processed_at < func.now() - older_than)
+    )
+    return result.rowcount or 0  # type: ignore[attr-defined]
+
+
+async def is_processed(session: AsyncSession, stage: str, event_id: str | uuid.UUID) -> bool:
+    """Whether ``stage`` committed ``event_id`` (False for an id that is not a UUID)."""
+    try:
+        eid = event_id if isinstance(event_id, uuid.UUID) else uuid.UUID(event_id)
+    except ValueError:
+        return False
+    stmt = select(_inbox.c.event_id).where(_inbox.c.stage == stage, _inbox.c.event_id == eid)
+    return (await session.execute(stmt)).first() is not None

@@ -1,0 +1,105 @@
+"""Run one stage's worker in this process until SIGTERM/SIGINT:
+``python -m esper.workers.run_stage STAGE`` (what `esper worker STAGE` does).
+
+``--handler module:factory`` swaps in another handler factory (called with the
+settings), e.g. a test's slow handler; the stage's consumer stays the same."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+from collections.abc import Sequence
+
+from esper.bus.topology import DeliveryPolicy, Topology
+from esper.db.engine import create_engine, session_factory
+from esper.infra.endpoints import resolve_endpoints
+from esper.settings import Settings, get_settings
+from esper.workers.logging import configure_logging
+from esper.workers.runtime import Handler, Worker
+from esper.workers.stages import get_stage
+
+
+def _load_factory(spec: str) -> object:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+async def serve_stage(
+    stage_name: str,
+    *,
+    settings: Settings,
+    nats_url: str | list[str] | None = None,
+    database_url: str | None = None,
+    handler: Handler | None = None,
+    topology: Topology | None = None,
+    concurrency: int | None = None,
+    batch: int | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Build the stage's handler and worker and run it until stopped."""
+    stage = get_stage(stage_name)
+    if nats_url is None or database_url is None:
+        endpoints = resolve_endpoints(settings)
+        nats_url = nats_url or endpoints.nats_servers
+        database_url = database_url or endpoints.database_url
+    engine = create_engine(database_url, pool_size=(concurrency or stage.concurrency) + 2)
+    try:
+        worker = Worker(
+            stage.name,
+            handler or stage.make_handler(settings),
+            nats_url=nats_url,  # type: ignore[arg-type]
+            session_factory=session_factory(engine),
+            concurrency=concurrency or stage.concurrency,
+            batch=batch or stage.batch,
+            topology=topology,
+            metrics_port=settings.metrics_port,
+            handle_signals=handle_signals,
+        )
+        await worker.run()
+    finally:
+        await engine.dispose()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m esper.workers.run_stage", description=__doc__)
+    p.add_argument("stage")
+    p.add_argument("--nats-url", help="default: ESPER_NATS_URL or endpoints.json")
+    p.add_argument("--database-url", help="default: ESPER_DATABASE_URL or endpoints.json")
+    p.add_argument("--concurrency", type=int, help="transactions at once")
+    p.add_argument("--batch", type=int, help="messages per transaction")
+    p.add_argument("--replicas", type=int, default=1, help="stream replicas (3 in a cluster)")
+    p.add_argument("--ack-wait", type=float, default=DeliveryPolicy.ack_wait)
+    p.add_argument("--max-deliver", type=int, default=DeliveryPolicy.max_deliver)
+    p.add_argument("--handler", help="module:factory to build the handler from instead")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    handler = None
+    if args.handler:
+        handler = _load_factory(args.handler)(settings)  # type: ignore[operator]
+    topology = Topology(
+        replicas=args.replicas,
+        policy=DeliveryPolicy(ack_wait=args.ack_wait, max_deliver=args.max_deliver),
+    )
+    asyncio.run(
+        serve_stage(
+            args.stage,
+            settings=settings,
+            nats_url=args.nats_url,
+            database_url=args.database_url,
+            handler=handler,
+            topology=topology,
+            concurrency=args.concurrency,
+            batch=args.batch,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
