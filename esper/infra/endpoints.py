@@ -65,6 +65,17 @@ def resolve_endpoints(settings: Settings) -> Endpoints:
     return Endpoints(nats_url=nats_url, database_url=database_url)
 
 
+def resolve_database_url(settings: Settings) -> str:
+    """Only the database URL (``esper db`` needs no NATS): ``ESPER_DATABASE_URL``
+    or ``endpoints.json``; ConfigError otherwise."""
+    if settings.database_url:
+        return settings.database_url
+    written = read_endpoints_file(settings.endpoints_file)
+    if written is None:
+        raise ConfigError(NO_ENDPOINTS)
+    return written.database_url
+
+
 def write_endpoints(settings: Settings, endpoints: Endpoints) -> Path:
     """Write ``endpoints.json`` atomically (readers never see half a file)."""
     path = settings.endpoints_file

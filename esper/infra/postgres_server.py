@@ -39,6 +39,7 @@ class PostgresServer:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self._handle: Any = None  # the pgserver handle of the running server
+        self._socket_dir: Path | None = None  # kept while stopped: the URL stays valid
 
     @classmethod
     def start(cls, data_dir: Path) -> PostgresServer:
@@ -54,10 +55,9 @@ class PostgresServer:
 
     @property
     def socket_dir(self) -> Path:
-        info = self._info()
-        if info is None or info.socket_dir is None:
-            raise ServerStartError(f"PostgreSQL in {self.pgdata} is not running")
-        return Path(info.socket_dir)
+        if self._socket_dir is None:
+            raise ServerStartError(f"PostgreSQL in {self.pgdata} was never started")
+        return self._socket_dir
 
     @property
     def url(self) -> str:
@@ -86,8 +86,13 @@ class PostgresServer:
         try:
             self._handle = pgserver.get_server(self.pgdata, cleanup_mode=None)
         except (subprocess.SubprocessError, AssertionError, OSError) as exc:
-            raise ServerStartError(f"PostgreSQL in {self.pgdata} failed to start: {exc}\n"
-                                   f"{self._log_tail()}") from exc
+            raise ServerStartError(
+                f"PostgreSQL in {self.pgdata} failed to start: {exc}\n{self._log_tail()}"
+            ) from exc
+        info = self._info()
+        if info is None or info.socket_dir is None:
+            raise ServerStartError(f"PostgreSQL in {self.pgdata} started without a socket")
+        self._socket_dir = Path(info.socket_dir)
         atexit.register(self._at_exit)
 
     def stop(self, timeout: float = 30.0) -> None:
