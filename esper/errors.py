@@ -32,6 +32,18 @@ class ServerStartError(EsperError, RuntimeError):
     """An embedded server (nats-server, PostgreSQL) failed to start or become ready."""
 
 
+class CompileError(EsperError, RuntimeError):
+    """A backend failed to lower or compile a blueprint; the message names the node."""
+
+
+class UnknownBackendError(CompileError, LookupError):
+    """No backend is registered under the requested name."""
+
+
+class InputMismatchError(EsperError, ValueError):
+    """Tensors given to a blueprint module do not match its declared inputs."""
+
+
 class MalformedEvent(EsperError, ValueError):
     """A message cannot be decoded into the event its subject promises; it is
     dead-lettered at once, never retried."""
