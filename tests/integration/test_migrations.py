@@ -3,6 +3,7 @@ models exactly, serve ``kernel_history``, downgrade to nothing and upgrade again
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
@@ -83,40 +84,45 @@ async def test_upgrade_downgrade_upgrade_on_empty_database(empty_database_url: s
         await engine.dispose()
 
 
+async def _seed(engine: AsyncEngine) -> tuple[uuid.UUID, uuid.UUID]:
+    """One blueprint; a kernel compiled then rejected, and one with no events yet."""
+    kernel_id, idle_id = uuid.uuid4(), uuid.uuid4()
+    async with session_factory(engine).begin() as s:
+        s.add(Blueprint(hash="b" * 64, name="residual_mlp", ir={"nodes": []}))
+        await s.flush()
+        s.add_all(
+            [
+                Kernel(
+                    id=kernel_id, blueprint_hash="b" * 64, cache_key="k" * 64,
+                    target="sm_90", dtype="float32", backend="triton", status="rejected",
+                    timings={"compile_ms": 12.5}, error="max abs error 0.3 > 1e-3",
+                ),
+                Kernel(
+                    id=idle_id, blueprint_hash="b" * 64, cache_key="i" * 64,
+                    target="cpu", dtype="float32", backend="torch", status="claimed",
+                ),
+            ]
+        )  # fmt: skip
+        await s.flush()
+        for event, status, detail in (
+            ("claimed", "claimed", {}),
+            ("compiled", "compiled", {"compile_ms": 12.5}),
+            ("rejected", "rejected", {"reason": "max abs error 0.3 > 1e-3"}),
+        ):
+            s.add(
+                KernelEvent(
+                    kernel_id=kernel_id, event=event, status=status,
+                    correlation_id="journey-1", detail=detail,
+                )
+            )  # fmt: skip
+            await s.flush()  # distinct ids, in order
+    return kernel_id, idle_id
+
+
 async def test_kernel_history_has_one_row_per_event(database_url: str) -> None:
     engine = create_engine(database_url)
-    sessions = session_factory(engine)
-    kernel_id, idle_id = uuid.uuid4(), uuid.uuid4()
     try:
-        async with sessions.begin() as s:
-            s.add(Blueprint(hash="b" * 64, name="residual_mlp", ir={"nodes": []}))
-            await s.flush()
-            s.add_all(
-                [
-                    Kernel(
-                        id=kernel_id, blueprint_hash="b" * 64, cache_key="k" * 64,
-                        target="sm_90", dtype="float32", backend="triton", status="rejected",
-                    ),
-                    Kernel(
-                        id=idle_id, blueprint_hash="b" * 64, cache_key="i" * 64,
-                        target="cpu", dtype="float32", backend="torch", status="claimed",
-                    ),
-                ]
-            )  # fmt: skip
-            await s.flush()
-            for event, status, detail in (
-                ("claimed", "claimed", {}),
-                ("compiled", "compiled", {"compile_ms": 12.5}),
-                ("rejected", "rejected", {"reason": "max abs error 0.3 > 1e-3"}),
-            ):
-                s.add(
-                    KernelEvent(
-                        kernel_id=kernel_id, event=event, status=status,
-                        correlation_id="journey-1", detail=detail,
-                    )
-                )  # fmt: skip
-                await s.flush()  # distinct ids, in order
-
+        kernel_id, _ = await _seed(engine)
         async with engine.connect() as conn:
             result = await conn.execute(
                 text("SELECT * FROM kernel_history ORDER BY at, event_seq")
@@ -135,6 +141,34 @@ async def test_kernel_history_has_one_row_per_event(database_url: str) -> None:
         assert rows[1]["detail"]["compile_ms"] == 12.5
     finally:
         await engine.dispose()
+
+
+async def test_documented_queries_run_and_answer(database_url: str) -> None:
+    """Every ```sql block of docs/SQL.md runs on the schema and finds the seeded facts."""
+    doc = (migrate.MIGRATIONS_DIR.parent / "docs" / "SQL.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) == 5
+    engine = create_engine(database_url)
+    try:
+        kernel_id, _ = await _seed(engine)
+        answers = []
+        async with engine.connect() as conn:
+            for block in blocks:
+                # psql's :'blueprint' variable, as a user would \set it (a hash prefix).
+                sql = text(block.replace(":'blueprint'", "'bbbb'"))
+                answers.append([r._asdict() for r in await conn.execute(sql)])
+    finally:
+        await engine.dispose()
+    fate, story, rejections, dead, percentiles = answers
+    fates = {r["kernel_id"]: (r["fate"], r["journey"]) for r in fate}
+    assert fates.pop(kernel_id) == ("rejected", "claimed -> compiled -> rejected")
+    assert list(fates.values()) == [("claimed", None)]
+    assert [r["event"] for r in story] == ["claimed", "compiled", "rejected"]
+    assert [r["why"] for r in rejections] == ["max abs error 0.3 > 1e-3"]
+    assert dead == []
+    assert [(r["backend"], r["kernels"], float(r["p50_ms"])) for r in percentiles] == [
+        ("triton", 1, 12.5)
+    ]
 
 
 def test_esper_db_cli_upgrades_and_downgrades(
