@@ -190,7 +190,7 @@ async def kernel_state(
 async def wait_for_kernel(
     session_factory: async_sessionmaker[AsyncSession],
     cache_key: str,
-    timeout: float,  # noqa: ASYNC109 -- the contract names it; a deadline, not a cancel scope
+    timeout: float,
     *,
     poll: float = 0.02,
     max_poll: float = 0.5,

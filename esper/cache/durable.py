@@ -38,11 +38,13 @@ class DurableTier:
         *,
         bucket: str = BUCKET,
         replicas: int = 1,
+        get_timeout: float = 30.0,
     ) -> None:
         self._sessions = session_factory
         self._js = nats.jetstream() if isinstance(nats, NATS) else nats
         self.bucket = bucket
         self.replicas = replicas
+        self.get_timeout = get_timeout
         self.location = f"nats-object-store:{bucket}"
         self._store: ObjectStore | None = None
         self._store_lock = asyncio.Lock()
@@ -65,19 +67,22 @@ class DurableTier:
                         )
         return self._store
 
-    async def digest_for(self, cache_key: str) -> str | None:
+    async def digests_for(self, cache_key: str) -> list[str]:
+        """Digests stored under ``cache_key``, newest first (usually one)."""
         async with self._sessions() as session:
-            return await session.scalar(
+            found = await session.scalars(
                 select(ArtifactRow.digest)
                 .where(ArtifactRow.cache_key == cache_key)
                 .order_by(ArtifactRow.created_at.desc())
-                .limit(1)
             )
+            return list(found)
 
     async def get(self, digest: str) -> bytes | None:
         store = await self.object_store()
         try:
-            result = await store.get(digest)
+            # nats-py's get can wait forever if the object's chunks are purged
+            # under it (a concurrent re-put): bound it.
+            result = await asyncio.wait_for(store.get(digest), self.get_timeout)
         except ObjectNotFoundError:
             return None
         data = bytes(result.data or b"")
@@ -87,13 +92,14 @@ class DurableTier:
         return data
 
     async def get_by_key(self, cache_key: str) -> bytes | None:
-        digest = await self.digest_for(cache_key)
-        if digest is None:
-            return None
-        data = await self.get(digest)
-        if data is None:
+        for digest in await self.digests_for(cache_key):
+            data = await self.get(digest)
+            if data is not None:
+                return data
+            # Postgres is the source of truth, but JetStream may lose bytes it
+            # acknowledged (power loss without sync_interval: always).
             log.warning("artifact %s for key %s has a row but no bytes", digest, cache_key)
-        return data
+        return None
 
     async def put(
         self, cache_key: str, packed: bytes, *, manifest: ArtifactManifest | None = None

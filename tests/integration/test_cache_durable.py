@@ -163,6 +163,19 @@ async def test_row_without_bytes_is_a_miss(
     assert await durable.get_by_key(ck) is None
 
 
+async def test_lost_bytes_fall_back_to_an_older_artifact_of_the_key(
+    durable: DurableTier,
+) -> None:
+    ck = key_for(6)
+    older = packed_for(ck, size=100)
+    await durable.put(ck, older)
+    newer = packed_for(ck, size=200)
+    newer_digest = await durable.put(ck, newer)
+    assert await durable.get_by_key(ck) == newer
+    await (await durable.object_store()).delete(newer_digest)
+    assert await durable.get_by_key(ck) == older
+
+
 async def test_put_refuses_a_key_mismatch(durable: DurableTier) -> None:
     with pytest.raises(ValueError, match="is for key"):
         await durable.put(key_for(4), packed_for(key_for(5)))
