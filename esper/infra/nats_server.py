@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import secrets
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from types import TracebackType
 
 from esper.errors import ConfigError, ServerStartError
 from esper.infra.natsconf import ClusterSpec, render_config
-from esper.infra.ports import LOOPBACK, free_port, http_ok, port_open, wait_until
+from esper.infra.ports import LOOPBACK, free_port, http_ok, nats_server_name, wait_until
 from esper.infra.processes import kill_process, stop_process
 
 
@@ -49,6 +50,13 @@ class NatsServer:
         self.monitor_port = monitor_port
         self.sync_always = sync_always
         self.cluster = cluster
+        # Unique, so readiness checks talk to this process and not a stale one on
+        # the port; stable across restarts (cluster peers know nodes by name).
+        self.server_name = (
+            cluster.server_name
+            if cluster is not None and cluster.server_name
+            else f"esper-{port}-{secrets.token_hex(4)}"
+        )
         self.binary = nats_server_binary()
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -64,20 +72,28 @@ class NatsServer:
         timeout: float = 30.0,
     ) -> NatsServer:
         """Start a server on ``port`` (a free one if None) and wait until ready."""
-        server = cls(
-            data_dir,
-            port if port is not None else free_port(),
-            monitor_port if monitor_port is not None else free_port(),
-            sync_always=sync_always,
-            cluster=cluster,
-        )
-        server.launch()
-        try:
-            server.wait_ready(timeout)
-        except BaseException:
-            server.kill()
-            raise
-        return server
+        # A port picked free may be taken before the server binds it: pick again.
+        attempts = 3 if port is None or monitor_port is None else 1
+        for attempt in range(attempts):
+            server = cls(
+                data_dir,
+                port if port is not None else free_port(),
+                monitor_port if monitor_port is not None else free_port(),
+                sync_always=sync_always,
+                cluster=cluster,
+            )
+            server.launch()
+            try:
+                server.wait_ready(timeout)
+                return server
+            except ServerStartError as exc:
+                server.kill()
+                if "address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+            except BaseException:
+                server.kill()
+                raise
+        raise AssertionError("unreachable")
 
     # -- addresses -----------------------------------------------------------
     @property
@@ -117,6 +133,7 @@ class NatsServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(
             render_config(
+                server_name=self.server_name,
                 port=self.port,
                 monitor_port=self.monitor_port,
                 store_dir=self.store_dir,
@@ -143,7 +160,9 @@ class NatsServer:
         def ready() -> bool:
             if not self.running:
                 raise ServerStartError(f"nats-server exited early:\n{self._log_tail()}")
-            return port_open(self.port) and http_ok(f"{self.monitor_url}/healthz")
+            return nats_server_name(self.port) == self.server_name and http_ok(
+                f"{self.monitor_url}/healthz"
+            )
 
         try:
             wait_until(ready, timeout, f"nats-server on port {self.port}")

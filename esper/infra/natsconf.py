@@ -26,6 +26,7 @@ class ClusterSpec:
 
 def render_config(
     *,
+    server_name: str,
     port: int,
     monitor_port: int,
     store_dir: Path,
@@ -36,9 +37,8 @@ def render_config(
     """nats-server config text. JetStream on; ``sync_always`` fsyncs every write
     (the Jepsen-safe setting: the default 2-minute fsync can lose acked writes)."""
     q = json.dumps  # nats conf accepts JSON-quoted strings
-    name = cluster.server_name if cluster and cluster.server_name else f"esper-{port}"
     lines = [
-        f"server_name: {q(name)}",
+        f"server_name: {q(server_name)}",
         f"listen: {q(f'{host}:{port}')}",
         f"http: {q(f'{host}:{monitor_port}')}",
         "jetstream {",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import urllib.error
@@ -25,6 +26,30 @@ def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+def nats_server_name(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> str | None:
+    """The ``server_name`` in the INFO line a NATS server sends on connect
+    (None if nothing, or something else, answers): tells *our* server from
+    whatever else may hold the port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            data = b""
+            while b"\r\n" not in data and len(data) < 65536:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return None
+                data += chunk
+    except OSError:
+        return None
+    line = data.split(b"\r\n", 1)[0]
+    if not line.startswith(b"INFO "):
+        return None
+    try:
+        name = json.loads(line[5:]).get("server_name")
+    except ValueError:
+        return None
+    return name if isinstance(name, str) else None
 
 
 def http_ok(url: str, timeout: float = 0.5) -> bool:
