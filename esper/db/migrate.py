@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 
 import esper
 from esper.db.engine import create_engine
+from esper.errors import ConfigError
 
 MIGRATIONS_DIR = Path(esper.__file__).resolve().parent.parent / "migrations"
 
@@ -19,6 +20,8 @@ MIGRATIONS_DIR = Path(esper.__file__).resolve().parent.parent / "migrations"
 def alembic_config(url: str) -> Config:
     """An Alembic config for ``url``. The URL travels in ``attributes``, not in
     the ini options, where ``%`` in a password would be read as interpolation."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise ConfigError(f"Alembic migrations not found in {MIGRATIONS_DIR}")
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["url"] = url

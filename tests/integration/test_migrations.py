@@ -11,13 +11,14 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.cli import main as cli_main
 from esper.db import migrate
 from esper.db.engine import create_engine, session_factory
 from esper.db.models import Base, Blueprint, Kernel, KernelEvent
+from esper.db.views import kernel_history
 from esper.settings import get_settings
 
 pytestmark = pytest.mark.integration
@@ -124,11 +125,10 @@ async def test_kernel_history_has_one_row_per_event(database_url: str) -> None:
     try:
         kernel_id, _ = await _seed(engine)
         async with engine.connect() as conn:
-            result = await conn.execute(
-                text("SELECT * FROM kernel_history ORDER BY at, event_seq")
-            )
-            rows = [r._asdict() for r in result]
+            query = select(kernel_history).order_by(kernel_history.c.at, kernel_history.c.event_seq)
+            rows = [r._asdict() for r in await conn.execute(query)]
         assert set(rows[0]) >= VIEW_COLUMNS
+        assert set(rows[0]) == set(kernel_history.c.keys())  # the construct matches the view
         assert [r["event"] for r in rows] == ["claimed", "compiled", "rejected"]
         assert {r["kernel_id"] for r in rows} == {kernel_id}  # no events: no rows
         last = rows[-1]
