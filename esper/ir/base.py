@@ -116,6 +116,10 @@ class IRModel(BaseModel):
         except ValidationError as exc:
             raise translate(exc, data, type(self).__name__) from None
 
+    # Nested models are validated by pydantic-core directly: our __init__ only
+    # wraps errors, so pydantic need not route nested construction through it.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
         try:

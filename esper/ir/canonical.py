@@ -6,6 +6,8 @@ schemas, output order and sharing are kept."""
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from esper.ir.frozen import thaw
@@ -29,17 +31,47 @@ def symbol_map(ir: BlueprintIR) -> dict[str, str]:
     return out
 
 
-def _attrs_json(node: IRNode, symbols: dict[str, str]) -> str:
-    spec = OPS[node.op]
-    if not spec.symbolic_attrs:
-        cached = node.__dict__.get("_attrs_json")
-        if cached is None:
-            cached = node.__dict__["_attrs_json"] = dumps(thaw(node.resolved_attrs))
-        return cached  # type: ignore[no-any-return]
-    plain: dict[str, Any] = thaw(node.resolved_attrs)
-    for name in spec.symbolic_attrs:
-        plain[name] = [symbols.get(d, d) if isinstance(d, str) else d for d in plain[name]]
-    return dumps(plain)
+_SAFE = re.compile(r"[A-Za-z0-9_.\-]*\Z")
+
+
+def _enc(v: Any) -> str:
+    """JSON for a resolved attr value (bool, int, float, str, None, tuples)."""
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (int, float)):
+        return repr(v)  # what json.dumps writes for finite numbers
+    if isinstance(v, str):
+        return f'"{v}"' if _SAFE.match(v) else dumps(v)
+    if isinstance(v, tuple):
+        return "[" + ",".join([_enc(x) for x in v]) + "]"
+    return dumps(thaw(v))
+
+
+def attrs_json(attrs: Mapping[str, Any], renamed: tuple[str, ...] = (),
+               symbols: Mapping[str, str] | None = None) -> str:
+    """Resolved attrs as compact JSON, keys sorted; symbols in ``renamed`` attrs mapped."""
+    parts = []
+    for k in sorted(attrs):
+        v = attrs[k]
+        if k in renamed and symbols is not None:
+            v = tuple([symbols.get(d, d) if isinstance(d, str) else d for d in v])
+        parts.append(f'"{k}":{_enc(v)}')
+    return "{" + ",".join(parts) + "}"
+
+
+def node_tail(node: IRNode, symbols: Mapping[str, str]) -> str:
+    """``],"attrs":{...}}`` — the part of a node's canonical JSON after its operands.
+
+    Computed once per node when no attr names a symbol (see IRNode)."""
+    tail = node.__dict__.get("_tail")
+    if tail is None:
+        spec = OPS[node.op]
+        tail = '],"attrs":' + attrs_json(node.resolved_attrs, spec.symbolic_attrs, symbols) + "}"
+    return tail  # type: ignore[no-any-return]
 
 
 def canonical_json(ir: BlueprintIR, an: Analysis) -> str:
@@ -47,7 +79,10 @@ def canonical_json(ir: BlueprintIR, an: Analysis) -> str:
     n_in = len(ir.inputs)
     symbols = symbol_map(ir)
     nodes = ir.nodes
-    labels = [(node.op.value, _attrs_json(node, symbols)) for node in nodes]
+    # A label is op + resolved attrs; its rank orders structurally different nodes.
+    heads = [f'","op":"{node.op}","inputs":[' for node in nodes]
+    tails = [node_tail(node, symbols) for node in nodes]
+    labels = [h + t for h, t in zip(heads, tails, strict=True)]
     rank = {lab: i for i, lab in enumerate(sorted(set(labels)))}
     comm = [OPS[node.op].commutative for node in nodes]
     order = canonical_order(
@@ -58,21 +93,20 @@ def canonical_json(ir: BlueprintIR, an: Analysis) -> str:
         topo=an.order,
         outputs=an.outputs,
     )
-    names = [f"x{i}" for i in range(n_in)] + [""] * len(nodes)
+    names = [f'"x{i}"' for i in range(n_in)] + [""] * len(nodes)
     pos = list(range(n_in)) + [0] * len(nodes)
     for k, j in enumerate(order):
-        names[n_in + j] = f"n{k}"
+        names[n_in + j] = f'"n{k}"'
         pos[n_in + j] = n_in + k
+    args = an.args
     parts = []
     for j in order:
-        refs = an.args[j]
+        refs = args[j]
         if comm[j]:
-            refs = tuple(sorted(refs, key=pos.__getitem__))
-        op, attrs = labels[j]
+            refs = sorted(refs, key=pos.__getitem__)
         parts.append(
-            f'{{"id":"{names[n_in + j]}","op":"{op}","inputs":['
-            + ",".join(f'"{names[t]}"' for t in refs)
-            + f'],"attrs":{attrs}}}'
+            '{"id":' + names[n_in + j][:-1] + heads[j] + ",".join([names[t] for t in refs])
+            + tails[j]
         )
     inputs = [
         {
@@ -82,7 +116,7 @@ def canonical_json(ir: BlueprintIR, an: Analysis) -> str:
         }
         for i, inp in enumerate(ir.inputs)
     ]
-    outputs = ",".join(f'"{names[t]}"' for t in an.outputs)
+    outputs = ",".join([names[t] for t in an.outputs])
     return (
         f'{{"schema_version":1,"name":"","inputs":{dumps(inputs)},"nodes":['
         + ",".join(parts)

@@ -10,6 +10,7 @@ from pydantic import Field, PlainValidator
 
 from esper.ir.attrs import resolve
 from esper.ir.base import IRModel, node_error
+from esper.ir.canonical import attrs_json
 from esper.ir.frozen import EMPTY, FrozenDict, freeze
 from esper.ir.ops import OPS, OpSpec
 from esper.ir.types import Dim, DType, IRNodeType, RuleError, Shape, check_shape, fmt_shape
@@ -102,6 +103,9 @@ class IRNode(_Revalidating):
         except RuleError as exc:
             raise node_error(self.id, self.op, str(exc)) from None
         self.__dict__["_resolved"] = resolved
+        if not spec.symbolic_attrs:
+            # The canonical hash needs this per node; it is cheapest made once here.
+            self.__dict__["_tail"] = '],"attrs":' + attrs_json(resolved) + "}"
 
     @property
     def spec(self) -> OpSpec:
