@@ -1,0 +1,216 @@
+"""Compile a plan's kernels ahead of time for a GPU target, and load shipped
+binaries in a trainer without compiling.
+
+Binaries only run under the Triton version that built them, so the artifact
+records it. On a mismatch (or another GPU arch) ``load_or_recompile`` starts a
+background thread that recompiles the shipped source for the local GPU, while
+the module serves the reference implementation (logged); then it swaps in."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from esper.triton.aot_compile import compile_request
+from esper.triton.plan import KernelConfig, Plan
+from esper.triton.runtime import JitLauncher, Launcher, stored
+
+log = logging.getLogger("esper.triton")
+
+SOURCE_FILE = "kernels/esper_kernels.py"
+PLAN_FILE = "triton/plan.json"
+BUILD_FILE = "triton/build.json"
+_PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
+
+
+def parse_target(target: str) -> tuple[str, int, int]:
+    """``cuda:sm_90`` -> ``("cuda", 90, 32)``."""
+    if not target.startswith("cuda:sm_"):
+        raise ValueError(f"not a CUDA target: {target!r}")
+    return ("cuda", int(target.removeprefix("cuda:sm_")), 32)
+
+
+def kernel_requests(plan: Plan) -> list[dict[str, Any]]:
+    """One compile request per kernel: its signature, alignment, constexprs, options."""
+    out = []
+    act = _PTR[plan.dtype]
+    for g in plan.groups():
+        if g.impl != "triton":
+            continue
+        for key, prog, cfg in ((g.fwd_kernel, g.fwd, g.fwd_cfg), (g.bwd_kernel, g.bwd, g.bwd_cfg)):
+            if prog is None or cfg is None:
+                continue
+            kept = stored(prog)
+            sig: dict[str, str] = {f"in_{i}": act for i in range(len(kept.inputs))}
+            for j, (_, vid) in enumerate(kept.outputs):
+                sig[f"out_{j}"] = act if kept.kind(vid) in ("full", "row") else "*fp32"
+            n_ptr = len(sig)
+            sig["n_rows"] = "i32"
+            sig["BLOCK_R"] = "constexpr"
+            out.append({
+                "key": key, "fn": key, "signature": sig, "aligned": list(range(n_ptr)),
+                "constexprs": {"BLOCK_R": cfg.block_r},
+                "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+            })
+    return out
+
+
+def compile_binaries(source: str, requests: list[dict[str, Any]], target: str,
+                     python: str | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Compile ``requests`` for ``target``; returns artifact files and build info.
+
+    ``python``: another interpreter whose Triton should build the binaries (the
+    trainers' version); default: this process (or a child when this process runs
+    the Triton interpreter, which cannot build binaries)."""
+    with tempfile.TemporaryDirectory(prefix="esper-aot-") as tmp:
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        src_path = Path(tmp) / f"esper_kernels_{digest}.py"
+        src_path.write_text(source)
+        req = {"source": str(src_path), "module_name": f"esper_kernels_{digest}",
+               "target": list(parse_target(target)), "kernels": requests,
+               "out_dir": str(Path(tmp) / "out")}
+        if python is None and os.environ.get("TRITON_INTERPRET") != "1":
+            info = compile_request(req)
+        else:
+            (Path(tmp) / "req.json").write_text(json.dumps(req))
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            script = Path(__file__).with_name("aot_compile.py")
+            cmd = [python or sys.executable, str(script), str(Path(tmp) / "req.json")]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"AOT compile failed: {proc.stderr[-4000:]}")
+            info = json.loads(proc.stdout.strip().splitlines()[-1])
+        files = {}
+        for r in requests:
+            for ext in ("cubin", "json"):
+                files[f"kernels/{r['key']}.{ext}"] = (Path(tmp) / "out" / f"{r['key']}.{ext}"
+                                                      ).read_bytes()
+    return files, info
+
+
+def import_source(source: str, cache_dir: Path) -> Any:
+    """Import generated kernel source from a file (Triton's JIT reads source files)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    name = f"esper_kernels_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{name}.py"
+    if not path.exists():
+        path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def jit_kernels(module: Any, plan: Plan) -> dict[str, Launcher]:
+    """Launchers that JIT-compile from source (or interpret, under TRITON_INTERPRET=1)."""
+    names = [k for g in plan.groups() if g.impl == "triton"
+             for k in (g.fwd_kernel, g.bwd_kernel) if hasattr(module, k)]
+    return {k: JitLauncher(getattr(module, k)) for k in names}
+
+
+class BinaryLauncher:
+    """Launch a shipped binary: no compile, one cached launcher stub per signature."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self._stream: Callable[[int], int] | None = None
+
+    def warm(self) -> None:
+        self.kernel._init_handles()  # loads the cubin; builds/loads the launcher stub
+        from triton.runtime import driver
+
+        self._device = driver.active.get_current_device()
+        self._stream = driver.active.get_current_stream
+
+    def launch(self, grid: int, args: Sequence[Any], cfg: KernelConfig) -> None:
+        if self._stream is None:
+            self.warm()
+        k = self.kernel
+        assert self._stream is not None
+        stream = self._stream(self._device)
+        k.run(grid, 1, 1, stream, k.function, k.packed_metadata, None, None, None,
+              *args, cfg.block_r)
+
+
+def load_binaries(module: Any, requests: list[dict[str, Any]], files: Mapping[str, bytes],
+                  cache_dir: Path) -> dict[str, Launcher]:
+    """``CompiledKernel``s from the shipped cubins + metadata: nothing is compiled."""
+    from triton.compiler import ASTSource, CompiledKernel
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Launcher] = {}
+    for r in requests:
+        paths = {}
+        for ext in ("cubin", "json"):
+            data = files[f"kernels/{r['key']}.{ext}"]
+            p = cache_dir / f"{r['key']}-{hashlib.sha256(data).hexdigest()[:12]}.{ext}"
+            if not p.exists():
+                p.write_bytes(data)
+            paths[f"{r['key']}.{ext}"] = str(p)
+        attrs = {(i,): [["tt.divisibility", 16]] for i in r["aligned"]}
+        src = ASTSource(fn=getattr(module, r["fn"]), signature=r["signature"],
+                        constexprs=r["constexprs"], attrs=attrs)
+        meta = json.loads(files[f"kernels/{r['key']}.json"])
+        out[r["key"]] = BinaryLauncher(CompiledKernel(src, paths, meta["hash"]))
+    return out
+
+
+def local_target() -> str | None:
+    """``cuda:sm_XX`` of the current GPU, or None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability()
+        return f"cuda:sm_{major}{minor}"
+    except Exception:  # no usable driver: no target
+        return None
+
+
+def recompile_in_background(module: Any, requests: list[dict[str, Any]], target: str,
+                            on_done: Callable[[dict[str, Launcher]], None]) -> threading.Thread:
+    """Compile the shipped source for the local GPU off the training thread."""
+
+    def work() -> None:
+        start = time.perf_counter()
+        try:
+            import triton
+            from triton.compiler import ASTSource
+
+            launchers: dict[str, Launcher] = {}
+            backend, arch, warp = parse_target(target)
+            from triton.backends.compiler import GPUTarget
+
+            for r in requests:
+                attrs = {(i,): [["tt.divisibility", 16]] for i in r["aligned"]}
+                src = ASTSource(fn=getattr(module, r["fn"]), signature=r["signature"],
+                                constexprs=r["constexprs"], attrs=attrs)
+                k = triton.compile(src, target=GPUTarget(backend, arch, warp), options=r["options"])
+                launchers[r["key"]] = BinaryLauncher(k)
+            on_done(launchers)
+            log.warning("triton kernels recompiled from source for %s in %.2f s; switched over "
+                        "from the reference backend", target, time.perf_counter() - start)
+        except Exception:
+            log.exception("background recompile for %s failed; staying on the reference "
+                          "backend", target)
+
+    t = threading.Thread(target=work, name="esper-triton-recompile", daemon=True)
+    t.start()
+    return t

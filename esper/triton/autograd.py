@@ -1,0 +1,38 @@
+"""The autograd wrapper of a fused group: forward launches the group's forward
+kernel and saves only the group's inputs; backward launches the generated
+backward kernel, which recomputes the cheap forward values it needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from esper.triton.runtime import GroupRunner
+
+
+class FusedGroupFunction(torch.autograd.Function):
+    """``apply(runner, symbols, *inputs) -> tuple of outputs``."""
+
+    @staticmethod
+    def forward(ctx: Any, runner: GroupRunner, symbols: dict[str, int] | None,
+                *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.runner, ctx.symbols = runner, symbols
+        ctx.save_for_backward(*inputs)
+        outs = runner.forward(inputs, symbols)
+        # an aliased output is an input: autograd needs a distinct tensor object
+        return tuple(o.view_as(o) if any(o is i for i in inputs) else o for o in outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grads_in = ctx.runner.backward(ctx.saved_tensors, grads, ctx.symbols)
+        needs = ctx.needs_input_grad[2:]
+        return (None, None, *(g if n else None for g, n in zip(grads_in, needs, strict=True)))
+
+
+def run_group(runner: GroupRunner, inputs: list[torch.Tensor],
+              symbols: dict[str, int] | None) -> tuple[torch.Tensor, ...]:
+    """Through autograd only when some input needs a grad (inference skips it)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return FusedGroupFunction.apply(runner, symbols, *inputs)
+    return runner.forward(inputs, symbols)

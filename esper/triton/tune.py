@@ -1,0 +1,104 @@
+"""Launch configs per kernel, chosen at compile time and stored in the plan.
+
+Without a GPU of the target's arch at compile time the configs come from a
+heuristic (whole rows per program, ~4K elements per program, warps by tile
+size, a capped grid for kernels that reduce over rows). With one, ``autotune``
+measures candidate configs for each group's forward and backward kernels and
+the group as plain torch ops, and keeps the fastest. Trainers never re-tune."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from esper.triton.codegen import next_pow2
+from esper.triton.plan import FusedStep, KernelConfig, Plan
+from esper.triton.runtime import stored
+from esper.triton.tiles import TileProgram
+
+SM_COUNT = {90: 132, 89: 128, 80: 108, 86: 84}
+TUNE_ELEMS = 1 << 24  # tune at ~16M elements per frame: large enough to fill the GPU
+
+
+def heuristic(prog: TileProgram, c: int, arch: int = 90) -> KernelConfig:
+    bc = next_pow2(c)
+    loop = stored(prog).has_col_reduction()
+    per_program = 2048 if loop else 4096
+    block_r = max(1, min(128, per_program // bc))
+    elems = block_r * bc
+    warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+    cap = SM_COUNT.get(arch, 132) * 4 if loop else 0
+    return KernelConfig(block_r=block_r, num_warps=warps, num_stages=1, grid_cap=cap)
+
+
+def candidates(prog: TileProgram, c: int, arch: int = 90) -> list[KernelConfig]:
+    bc = next_pow2(c)
+    loop = stored(prog).has_col_reduction()
+    out = []
+    for elems in (1024, 2048, 4096, 8192, 16384):
+        if elems < bc and elems != 1024:
+            continue
+        block_r = max(1, elems // bc)
+        real = block_r * bc
+        for warps in (4, 8, 16):
+            if real // (warps * 32) < 2 or real // (warps * 32) > 64:
+                continue
+            caps = [SM_COUNT.get(arch, 132) * m for m in (2, 4, 8)] if loop else [0]
+            for cap in caps:
+                out.append(KernelConfig(block_r=block_r, num_warps=warps, grid_cap=cap))
+    seen, uniq = set(), []
+    for cfg in out:
+        key = (cfg.block_r, cfg.num_warps, cfg.grid_cap)
+        if key not in seen:
+            seen.add(key)
+            uniq.append(cfg)
+    return uniq or [heuristic(prog, c, arch)]
+
+
+def apply_heuristics(plan: Plan, arch: int = 90) -> None:
+    for g in plan.groups():
+        g.fwd_cfg = g.fwd_cfg or heuristic(g.fwd, g.c, arch)
+        if g.bwd is not None:
+            g.bwd_cfg = g.bwd_cfg or heuristic(g.bwd, g.c, arch)
+
+
+def tune_rows(g: FusedStep) -> int:
+    """Rows to tune a group at: its static rows, scaled up to ~TUNE_ELEMS if symbolic."""
+    static = math.prod(int(d) for d in g.frame[:-1] if isinstance(d, int))
+    if all(isinstance(d, int) for d in g.frame[:-1]):
+        return static
+    return max(static, TUNE_ELEMS // (g.c * static) * static)
+
+
+def autotune(plan: Plan, bench: Callable[[FusedStep, str, KernelConfig | None], float],
+             arch: int = 90) -> dict[str, Any]:
+    """Pick each kernel's fastest config and each group's faster implementation.
+
+    ``bench(group, which, cfg)`` returns milliseconds for ``which`` in ``fwd``,
+    ``bwd`` (Triton, with ``cfg``) or ``torch`` (the group's ops in torch,
+    forward + backward). Returns a report of what was measured."""
+    report: dict[str, Any] = {}
+    for g in plan.groups():
+        best: dict[str, tuple[float, KernelConfig]] = {}
+        for which, prog in (("fwd", g.fwd), ("bwd", g.bwd)):
+            if prog is None:
+                continue
+            for cfg in candidates(prog, g.c, arch):
+                try:
+                    ms = bench(g, which, cfg)
+                except Exception:  # a config that does not fit (registers, smem)
+                    continue
+                if which not in best or ms < best[which][0]:
+                    best[which] = (ms, cfg)
+        if "fwd" in best:
+            g.fwd_cfg = best["fwd"][1]
+        if "bwd" in best:
+            g.bwd_cfg = best["bwd"][1]
+        triton_ms = sum(v[0] for v in best.values())
+        torch_ms = bench(g, "torch", None)
+        g.measured = {"triton_ms": triton_ms, "torch_ms": torch_ms}
+        if torch_ms < triton_ms:
+            g.impl = "torch"
+        report[g.name] = {"impl": g.impl, **g.measured}
+    return report
