@@ -1,7 +1,7 @@
 """The kernel artifact: a manifest, its files, and a signed, canonical tar container.
 
-The container is a plain ustar archive written one way only (sorted members,
-mtime 0, uid/gid 0, mode 0644, no directories), so equal inputs give equal bytes
+The container is a plain ustar archive (``tar tf`` lists it) written one way only
+(sorted members, mtime 0, uid/gid 0, mode 0644, no directories), so equal inputs give equal bytes
 and ``unpack_verified`` can insist that an archive is byte-for-byte the one it
 would itself write: every byte is then covered by the signature or by a digest
 the signature covers. Nothing in an artifact is ever unpickled or executed here.
@@ -10,11 +10,9 @@ the signature covers. Nothing in an artifact is ever unpickled or executed here.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import re
-import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -211,25 +209,71 @@ class Artifact:
         return directory
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
+# -- the container: ustar written and read here, byte for byte -------------------
+# Not through ``tarfile``: its header bytes vary between Python versions (e.g. the
+# device fields), and the verifier re-serialises an archive and compares bytes, so
+# an artifact packed on 3.11 must re-serialise identically on 3.12.
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_TRAILER = bytes(2 * _BLOCK)
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _header(name: str, size: int) -> bytes:
+    """One ustar header: regular file, mode 0644, uid/gid 0, mtime 0, no owner names."""
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"member name {name!r} is longer than 100 bytes")
+    head = b"".join(
+        (
+            raw.ljust(100, b"\0"),
+            _octal(0o644, 8),
+            _octal(0, 8),  # uid
+            _octal(0, 8),  # gid
+            _octal(size, 12),
+            _octal(0, 12),  # mtime
+            b" " * 8,  # checksum placeholder
+            b"0",  # regular file
+            bytes(100),  # linkname
+            b"ustar\x0000",
+            bytes(32 + 32),  # uname, gname
+            _octal(0, 8) * 2,  # devmajor, devminor
+            bytes(155 + 12),  # prefix, pad
+        )
+    )
+    checksum = b"%06o\0 " % sum(head)
+    return head[:148] + checksum + head[156:]
 
 
 def _serialize(manifest_bytes: bytes, signature: bytes, files: Mapping[str, bytes]) -> bytes:
-    buf = io.BytesIO()
     members = [(MANIFEST_MEMBER, manifest_bytes), (SIGNATURE_MEMBER, signature)]
     members += [(FILES_PREFIX + p, files[p]) for p in sorted(files)]
-    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            tf.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-    return buf.getvalue()
+    parts: list[bytes] = []
+    for name, data in members:
+        parts += (_header(name, len(data)), data, bytes(-len(data) % _BLOCK))
+    parts.append(_TRAILER)
+    return b"".join(parts)
+
+
+def _parse_header(block: bytes) -> tuple[str, bytes, int]:
+    """(name, typeflag, size) of a header block; other fields are checked by the
+    canonical comparison at the end of verification."""
+    stored = block[148:156]
+    if int(stored.split(b"\0")[0].strip() or b"-1", 8) != sum(
+        block[:148] + b" " * 8 + block[156:]
+    ):
+        raise ArtifactIntegrityError("tar header checksum mismatch")
+    name = block[:100].split(b"\0")[0].decode("ascii")
+    if block[345:500].strip(b"\0"):
+        raise ArtifactIntegrityError(f"member {name!r} uses a ustar name prefix")
+    size_field = block[124:136].split(b"\0")[0].strip()
+    if not size_field or any(c not in b"01234567" for c in size_field):
+        raise ArtifactIntegrityError(f"member {name!r} has a malformed size field")
+    return name, block[156:157], int(size_field, 8)
 
 
 def _read_members(packed: bytes) -> dict[str, bytes]:
@@ -241,32 +285,38 @@ def _read_members(packed: bytes) -> dict[str, bytes]:
         raise ArtifactIntegrityError(
             f"artifact is {len(packed)} bytes; at most {MAX_ARTIFACT_BYTES} are accepted"
         )
+    packed = bytes(packed)
     members: dict[str, bytes] = {}
+    pos = 0
     try:
-        with tarfile.open(fileobj=io.BytesIO(packed), mode="r:") as tf:
-            while (info := tf.next()) is not None:
-                name = info.name
-                if len(members) >= MAX_FILES + 2:
-                    raise ArtifactIntegrityError(f"more than {MAX_FILES} files")
-                if not info.isreg():
-                    raise ArtifactIntegrityError(f"member {name!r} is not a regular file")
-                if name in members:
-                    raise ArtifactIntegrityError(f"duplicate member {name!r}")
-                if name not in (MANIFEST_MEMBER, SIGNATURE_MEMBER):
-                    if not name.startswith(FILES_PREFIX):
-                        raise ArtifactIntegrityError(f"unexpected member {name!r}")
-                    try:
-                        check_file_path(name[len(FILES_PREFIX) :])
-                    except ValueError as exc:
-                        raise ArtifactIntegrityError(f"unsafe member name {name!r}") from exc
-                fobj = tf.extractfile(info)
-                data = fobj.read() if fobj is not None else b""
-                if len(data) != info.size:
-                    raise ArtifactIntegrityError(f"member {name!r} is truncated")
-                members[name] = data
-    except ArtifactIntegrityError:
-        raise
-    except Exception as exc:  # any parser failure on untrusted bytes is "malformed"
+        while True:
+            block = packed[pos : pos + _BLOCK]
+            if len(block) < _BLOCK:
+                raise ArtifactIntegrityError("archive is truncated (no end-of-archive marker)")
+            if block == _ZERO_BLOCK:
+                break  # the rest is checked by the canonical comparison
+            name, kind, size = _parse_header(block)
+            if len(members) >= MAX_FILES + 2:
+                raise ArtifactIntegrityError(f"more than {MAX_FILES} files")
+            if kind not in (b"0", b"\0"):
+                raise ArtifactIntegrityError(f"member {name!r} is not a regular file")
+            if name in members:
+                raise ArtifactIntegrityError(f"duplicate member {name!r}")
+            if name not in (MANIFEST_MEMBER, SIGNATURE_MEMBER):
+                if not name.startswith(FILES_PREFIX):
+                    raise ArtifactIntegrityError(f"unexpected member {name!r}")
+                try:
+                    check_file_path(name[len(FILES_PREFIX) :])
+                except ValueError as exc:
+                    raise ArtifactIntegrityError(f"unsafe member name {name!r}") from exc
+            start = pos + _BLOCK
+            if start + size > len(packed):
+                raise ArtifactIntegrityError(f"member {name!r} is truncated")
+            members[name] = packed[start : start + size]
+            pos = start + size + (-size % _BLOCK)
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, ArtifactIntegrityError):
+            raise
         raise ArtifactIntegrityError(f"artifact is not a valid archive: {exc}") from exc
     return members
 
