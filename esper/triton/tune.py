@@ -33,27 +33,23 @@ def heuristic(prog: TileProgram, c: int, arch: int = 90) -> KernelConfig:
 
 
 def candidates(prog: TileProgram, c: int, arch: int = 90) -> list[KernelConfig]:
+    """A few configs around the heuristic (each costs a compile on the tuning GPU)."""
     bc = next_pow2(c)
     loop = stored(prog).has_col_reduction()
-    out = []
-    for elems in (1024, 2048, 4096, 8192, 16384):
-        if elems < bc and elems != 1024:
-            continue
+    cap = SM_COUNT.get(arch, 132) * 4 if loop else 0
+    out = [heuristic(prog, c, arch)]
+    for elems in (2048, 4096, 8192):
         block_r = max(1, elems // bc)
         real = block_r * bc
-        for warps in (4, 8, 16):
-            if real // (warps * 32) < 2 or real // (warps * 32) > 64:
-                continue
-            caps = [SM_COUNT.get(arch, 132) * m for m in (2, 4, 8)] if loop else [0]
-            for cap in caps:
-                out.append(KernelConfig(block_r=block_r, num_warps=warps, grid_cap=cap))
+        for warps in (4, 8) if real <= 4096 else (8, 16):
+            out.append(KernelConfig(block_r=block_r, num_warps=warps, grid_cap=cap))
     seen, uniq = set(), []
     for cfg in out:
         key = (cfg.block_r, cfg.num_warps, cfg.grid_cap)
-        if key not in seen:
+        if key not in seen and cfg.block_r <= 128:
             seen.add(key)
             uniq.append(cfg)
-    return uniq or [heuristic(prog, c, arch)]
+    return uniq
 
 
 def apply_heuristics(plan: Plan, arch: int = 90) -> None:
