@@ -1,0 +1,104 @@
+"""Blueprint -> signed artifact bytes, and signed artifact bytes -> module factory.
+The thin seam between the compilation plane and the artifact format."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from esper.artifacts import Artifact, ArtifactManifest, digest_of, unpack_verified
+from esper.cache.keys import cache_key, current_versions
+from esper.compile.backend import Backend, CompileOptions, ModuleFactory, get_backend
+from esper.compile.passes import optimize
+from esper.errors import CompileError
+from esper.ir import BlueprintIR
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+COMPILE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    """A signed artifact and how it was made (timings in seconds)."""
+
+    cache_key: str
+    packed: bytes
+    digest: str
+    manifest: ArtifactManifest
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _resolve(backend: str | Backend, target: str, dtype: str,
+             options: CompileOptions | None) -> tuple[Backend, CompileOptions]:
+    found = get_backend(backend) if isinstance(backend, str) else backend
+    if not found.supports(target):
+        raise CompileError(f"backend {found.name!r} does not support target {target!r}")
+    if dtype not in COMPILE_DTYPES:
+        raise CompileError(f"unsupported dtype {dtype!r} (one of {', '.join(COMPILE_DTYPES)})")
+    options = options if options is not None else CompileOptions(dtype=dtype)
+    if options.dtype != dtype:
+        raise CompileError(f"options.dtype {options.dtype!r} contradicts dtype {dtype!r}")
+    return found, options
+
+
+def compute_cache_key(ir: BlueprintIR, *, target: str, dtype: str = "float32",
+                      backend: str | Backend = "torch",
+                      options: CompileOptions | None = None) -> str:
+    """The key ``compile_blueprint`` would give ``ir``; look it up before compiling."""
+    found, options = _resolve(backend, target, dtype, options)
+    return cache_key(blueprint_hash=ir.canonical_hash(), target=target, dtype=dtype,
+                     backend=found.name, versions=current_versions(found.name),
+                     options=options.model_dump())
+
+
+def compile_blueprint(
+    ir: BlueprintIR,
+    *,
+    target: str,
+    dtype: str = "float32",
+    backend: str | Backend = "torch",
+    options: CompileOptions | None = None,
+    private_key: Ed25519PrivateKey,
+) -> CompileResult:
+    """Optimise, compile with ``backend`` for ``target``, build and sign the artifact.
+    The key and manifest hold the *submitted* IR's canonical hash, so every
+    equivalent submission maps to this artifact."""
+    start = time.perf_counter()
+    found, options = _resolve(backend, target, dtype, options)
+    blueprint_hash = ir.canonical_hash()
+    versions = current_versions(found.name)
+    key = cache_key(blueprint_hash=blueprint_hash, target=target, dtype=dtype,
+                    backend=found.name, versions=versions, options=options.model_dump())
+    keyed = time.perf_counter()
+    optimised = optimize(ir)
+    optimised_at = time.perf_counter()
+    compiled = found.compile(optimised, target, options)
+    compiled_at = time.perf_counter()
+    artifact = Artifact.build(cache_key=key, blueprint_hash=blueprint_hash, target=target,
+                              dtype=dtype, backend=found.name, versions=versions,
+                              options=compiled.options, files=compiled.files)
+    packed = artifact.pack(private_key)
+    done = time.perf_counter()
+    timings = {
+        "key_s": keyed - start,
+        "optimize_s": optimised_at - keyed,
+        "backend_s": compiled_at - optimised_at,
+        **{f"backend.{k}": v for k, v in compiled.timings.items()},
+        "pack_s": done - compiled_at,
+        "total_s": done - start,
+    }
+    return CompileResult(cache_key=key, packed=packed, digest=digest_of(packed),
+                         manifest=artifact.manifest, timings=timings)
+
+
+def load_artifact(packed: bytes, public_key: Ed25519PublicKey) -> ModuleFactory:
+    """Verify ``packed`` against ``public_key`` (before anything is parsed beyond the
+    container), then hand its files to the backend named in the signed manifest."""
+    artifact = unpack_verified(packed, public_key)
+    return get_backend(artifact.manifest.backend).load(artifact.manifest, artifact.files)
