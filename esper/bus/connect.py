@@ -37,7 +37,8 @@ async def connect(
         log.warning("nats: %s", exc or type(exc).__name__)
 
     async def disconnected_cb() -> None:
-        log.warning("nats: disconnected")
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("nats: disconnected")
         if on_disconnected is not None:
             await on_disconnected()
 

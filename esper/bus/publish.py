@@ -63,7 +63,7 @@ def make_submission(
     from esper.ir import BlueprintIR
 
     raw = _load_ir(ir)
-    blueprint = BlueprintIR.from_json(raw)
+    blueprint = BlueprintIR.from_dict(raw)
     event = ev.BlueprintSubmitted(
         correlation_id=correlation_id or uuid.uuid4().hex,
         blueprint_hash=blueprint.canonical_hash(),

@@ -120,7 +120,9 @@ class Topology:
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.OLD,
             max_age=spec.max_age,
-            max_msg_size=ev.MAX_EVENT_BYTES,
+            # The server's max_payload (1 MiB) bounds messages; consumers refuse
+            # anything over MAX_EVENT_BYTES themselves, with a dead letter.
+            max_msg_size=-1,
             storage=StorageType.FILE,
             num_replicas=self.replicas,
             duplicate_window=self.duplicate_window,

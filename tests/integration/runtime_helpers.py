@@ -1,0 +1,146 @@
+"""Shared plumbing for the worker-runtime integration tests: workers in this
+process or as subprocesses, the bus wiped between tests, counting rows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js.errors import NotFoundError
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from esper.bus.connect import connect
+from esper.bus.topology import STREAMS, DeliveryPolicy, Topology
+from esper.db.engine import create_engine, session_factory
+from esper.workers.runtime import Handler, Worker
+from esper.workers.stages import get_stage
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Short enough for tests that wait on a redelivery; same shape as production.
+FAST_POLICY = DeliveryPolicy(
+    ack_wait=2.0, max_deliver=4, max_ack_pending=2000, nak_delays=(0.1, 0.2, 0.3, 0.5)
+)
+FAST = Topology(policy=FAST_POLICY)
+
+
+async def wipe_bus(nats_url: str | list[str]) -> None:
+    """Delete every Esper stream (and so their consumers) on a shared server."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        for spec in STREAMS:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_stream(spec.name)
+    finally:
+        await nc.close()
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], timeout: float, what: str, every: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(text(sql), params)).scalar()
+
+
+async def rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(text(sql), params)).all())
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    stage: str,
+    nats_url: str | list[str],
+    database_url: str,
+    handler: Handler | None = None,
+    *,
+    topology: Topology = FAST,
+    **kw: Any,
+) -> AsyncIterator[Worker]:
+    """A worker running in this event loop; stopped (gracefully) on exit."""
+    engine = create_engine(database_url)
+    if handler is None:
+        from esper.settings import Settings
+
+        handler = get_stage(stage).make_handler(Settings())
+    worker = Worker(
+        stage, handler, nats_url=nats_url, session_factory=session_factory(engine),
+        topology=topology, **kw,
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        started = asyncio.create_task(worker.started.wait())
+        done, _ = await asyncio.wait({task, started}, timeout=30, return_when="FIRST_COMPLETED")
+        if task in done:
+            task.result()  # re-raise why it died
+        assert started in done, "worker did not start"
+        yield worker
+    finally:
+        worker.stop()
+        try:
+            await asyncio.wait_for(task, 20)
+        finally:
+            await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def js_client(nats_url: str | list[str]) -> AsyncIterator[Any]:
+    nc = await connect(nats_url, name="esper-test")
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+def spawn_worker(
+    stage: str,
+    nats_url: str,
+    database_url: str,
+    *extra: str,
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``python -m esper.workers.run_stage STAGE`` with the fast policy."""
+    args = [
+        sys.executable, "-m", "esper.workers.run_stage", stage,
+        "--nats-url", nats_url, "--database-url", database_url,
+        "--ack-wait", str(FAST_POLICY.ack_wait), "--max-deliver", str(FAST_POLICY.max_deliver),
+        *extra,
+    ]
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM and wait; SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()

@@ -1,0 +1,318 @@
+"""The worker runtime against a real nats-server and PostgreSQL: effects once,
+retries with delay, dead letters with reasons, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats.errors
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from esper.bus import events as ev
+from esper.bus.publish import msg_headers, publish_event
+from esper.db.engine import create_engine
+from esper.errors import Reject, Retry
+from esper.workers.runtime import HandlerContext
+from tests.integration.runtime_helpers import (
+    FAST_POLICY,
+    js_client,
+    rows,
+    running_worker,
+    scalar,
+    wait_for,
+    wipe_bus,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def bus(nats_url: str) -> str:
+    await wipe_bus(nats_url)
+    return nats_url
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_engine(database_url)
+    yield eng
+    await eng.dispose()
+
+
+def compiled(i: int = 0, **kw: Any) -> ev.KernelCompiled:
+    return ev.KernelCompiled(
+        correlation_id=f"journey-{i}", kernel_id=uuid.uuid4(), cache_key=f"k{i}",
+        blueprint_hash="a" * 64, target="cpu", dtype="float32", backend="test", **kw,
+    )
+
+
+class Recorder:
+    """A handler with an observable effect: one counter row per event (a second
+    run for the same event would bump ``submit_count`` to 2) and one emitted
+    KernelValidated. ``plan`` maps a cache_key to what to do on each delivery."""
+
+    def __init__(self, plan: dict[str, Any] | None = None, sleep: float = 0.0) -> None:
+        self.calls: Counter[str] = Counter()
+        self.plan = plan or {}
+        self.sleep = sleep
+
+    async def __call__(self, event: ev.KernelCompiled, ctx: HandlerContext[Any]) -> None:
+        self.calls[event.cache_key] += 1
+        if self.sleep:
+            await asyncio.sleep(self.sleep)
+        await ctx.session.execute(
+            text(
+                "INSERT INTO blueprints (hash, name, ir) VALUES (:h, :n, '{}') "
+                "ON CONFLICT (hash) DO UPDATE SET submit_count = blueprints.submit_count + 1"
+            ),
+            {"h": hashlib.sha256(event.cache_key.encode()).hexdigest(), "n": event.cache_key},
+        )
+        action = self.plan.get(event.cache_key)
+        if action is not None:
+            action(ctx)  # after the effect: a failure must roll it back
+        ctx.emit(
+            ev.KernelValidated(
+                correlation_id=event.correlation_id, kernel_id=event.kernel_id,
+                cache_key=event.cache_key, blueprint_hash=event.blueprint_hash,
+                target=event.target, dtype=event.dtype, backend=event.backend, device="none",
+            )
+        )
+
+
+async def effects(engine: AsyncEngine) -> dict[str, int]:
+    found = await rows(engine, "SELECT name, submit_count FROM blueprints")
+    return {r.name: r.submit_count for r in found}
+
+
+async def validated_in_stream(js: Any) -> int:
+    info = await js.stream_info("ESPER_KERNELS", subjects_filter=ev.KERNEL_VALIDATED)
+    return (info.state.subjects or {}).get(ev.KERNEL_VALIDATED, 0)
+
+
+async def test_each_event_has_its_effects_once_and_its_emits_published(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    handler = Recorder()
+    async with (
+        running_worker("validate", bus, database_url, handler) as worker,
+        js_client(bus) as js,
+    ):
+        for i in range(50):
+            await publish_event(js, compiled(i))
+
+        async def all_sent() -> bool:
+            sent = "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
+            return await scalar(engine, sent) == 50
+
+        await wait_for(all_sent, 15, "50 outbox rows published")
+        assert await effects(engine) == {f"k{i}": 1 for i in range(50)}
+        assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 50
+        assert await validated_in_stream(js) == 50
+        assert worker.metrics.value("esper_worker_processed_total") == 50
+        assert worker.metrics.value("esper_worker_dead_lettered_total") == 0
+
+
+async def test_the_same_event_twice_in_the_stream_is_handled_once(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    handler = Recorder()
+    event = compiled(7)
+    async with (
+        running_worker("validate", bus, database_url, handler) as worker,
+        js_client(bus) as js,
+    ):
+        # Two stream messages, one event (as if published again after the
+        # duplicate window): distinct Nats-Msg-Ids, same event_id.
+        for _ in range(3):
+            await js.publish(event.subject, ev.encode(event), headers=msg_headers(uuid.uuid4()))
+
+        async def settled() -> bool:
+            return worker.metrics.value("esper_worker_duplicates_total") == 2
+
+        await wait_for(settled, 15, "two duplicates skipped")
+        assert handler.calls["k7"] == 1
+        assert await effects(engine) == {"k7": 1}
+        assert worker.metrics.value("esper_worker_processed_total") == 1
+
+
+async def test_retry_naks_with_delay_then_succeeds_once(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    deliveries: list[int] = []
+
+    def flaky(ctx: HandlerContext[Any]) -> None:
+        deliveries.append(ctx.num_delivered)
+        if ctx.num_delivered < 3:
+            raise Retry("not yet", delay=0.2)
+
+    handler = Recorder({"k1": flaky})
+    async with running_worker("validate", bus, database_url, handler), js_client(bus) as js:
+        for i in range(5):
+            await publish_event(js, compiled(i))
+
+        async def done() -> bool:
+            return len(await effects(engine)) == 5
+
+        await wait_for(done, 15, "all five handled")
+        assert deliveries == [1, 2, 3]
+        assert await effects(engine) == {f"k{i}": 1 for i in range(5)}
+        assert await scalar(engine, "SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_reject_dead_letters_with_reason_and_spares_the_rest_of_the_batch(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    def bad(ctx: HandlerContext[Any]) -> None:
+        raise Reject("kernel k3 is unusable: figure 9.0 over bound 1.0")
+
+    handler = Recorder({"k3": bad})
+    async with (
+        running_worker("validate", bus, database_url, handler, batch=16) as worker,
+        js_client(bus) as js,
+    ):
+        for i in range(10):
+            await publish_event(js, compiled(i))
+
+        async def done() -> bool:
+            return worker.metrics.value("esper_worker_processed_total") == 9 and (
+                await scalar(engine, "SELECT count(*) FROM dead_letters") == 1
+            )
+
+        await wait_for(done, 15, "nine handled, one dead-lettered")
+        assert handler.calls["k3"] == 1  # a Reject is never retried
+        (dl,) = await rows(
+            engine, "SELECT stage, subject, reason, delivery_count, payload FROM dead_letters"
+        )
+        assert (dl.stage, dl.subject, dl.delivery_count) == ("validate", ev.KERNEL_COMPILED, 1)
+        assert "unusable" in dl.reason
+        assert ev.decode(dl.subject, dl.payload).cache_key == "k3"
+        assert set(await effects(engine)) == {f"k{i}" for i in range(10)} - {"k3"}
+
+        async def notice() -> bool:
+            info = await js.stream_info("ESPER_DLQ")
+            return info.state.messages == 1
+
+        await wait_for(notice, 5, "a dead-letter notice on esper.dlq.validate")
+        msg = await js.get_last_msg("ESPER_DLQ", "esper.dlq.validate")
+        assert ev.decode(msg.subject, msg.data).reason == dl.reason
+
+
+async def test_a_handler_that_always_fails_is_dead_lettered_after_max_deliver(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    def broken(ctx: HandlerContext[Any]) -> None:
+        raise RuntimeError("the GPU caught fire")
+
+    handler = Recorder({"k0": broken})
+    async with running_worker("validate", bus, database_url, handler), js_client(bus) as js:
+        await publish_event(js, compiled(0))
+        await publish_event(js, compiled(1))
+
+        async def dead() -> bool:
+            return await scalar(engine, "SELECT count(*) FROM dead_letters") == 1
+
+        await wait_for(dead, 15, "the failing event dead-lettered")
+        reason, count = (await rows(engine, "SELECT reason, delivery_count FROM dead_letters"))[0]
+        assert handler.calls["k0"] == FAST_POLICY.max_deliver == count
+        assert f"gave up after {FAST_POLICY.max_deliver} deliveries" in reason
+        assert "RuntimeError: the GPU caught fire" in reason
+        assert await effects(engine) == {"k1": 1}
+
+
+async def test_malformed_messages_are_dead_lettered_at_once_and_the_worker_goes_on(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    handler = Recorder()
+    good = compiled(1)
+    wrong_shape = b'{"schema_version": 1, "correlation_id": "x", "kernel_id": 5}'
+    big = b'{"pad": "' + b"x" * (ev.MAX_EVENT_BYTES + 100) + b'"}'
+    async with (
+        running_worker("validate", bus, database_url, handler) as worker,
+        js_client(bus) as js,
+    ):
+        await js.publish(ev.KERNEL_COMPILED, b"\xff\xfe garbage \x00")
+        await js.publish(ev.KERNEL_COMPILED, wrong_shape)
+        await js.publish(ev.KERNEL_COMPILED, b"[1, 2, 3]")
+        await js.publish(ev.KERNEL_COMPILED, big)
+        with pytest.raises(nats.errors.MaxPayloadError):  # over the server's limit: refused
+            await js.publish(ev.KERNEL_COMPILED, b"x" * (2 * 1024 * 1024))
+        await publish_event(js, good)
+
+        async def done() -> bool:
+            return await scalar(engine, "SELECT count(*) FROM dead_letters") == 4 and (
+                worker.metrics.value("esper_worker_processed_total") == 1
+            )
+
+        await wait_for(done, 15, "four dead letters and the good event handled")
+        found = await rows(
+            engine, "SELECT reason, delivery_count FROM dead_letters ORDER BY stream_seq"
+        )
+        reasons = [r.reason for r in found]
+        assert "not JSON" in reasons[0]
+        assert "kernel_id" in reasons[1] and "KernelCompiled" in reasons[1]
+        assert "not a JSON object" in reasons[2]
+        assert "over the" in reasons[3] and "byte limit" in reasons[3]
+        assert all(r.delivery_count == 1 for r in found)
+        assert await effects(engine) == {"k1": 1}
+        assert not handler.calls.keys() - {"k1"}
+
+
+async def test_stop_finishes_in_flight_work_and_acks_it(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    handler = Recorder(sleep=0.3)
+    async with js_client(bus) as js:
+        async with running_worker(
+            "validate", bus, database_url, handler, concurrency=2, batch=1
+        ) as worker:
+            for i in range(4):
+                await publish_event(js, compiled(i))
+
+            async def busy() -> bool:
+                return sum(handler.calls.values()) >= 2
+
+            await wait_for(busy, 10, "handlers running")
+            # leaving the block stops the worker while two handlers sleep
+        processed = worker.metrics.value("esper_worker_processed_total")
+        assert processed >= 2
+        assert sum((await effects(engine)).values()) == processed
+        info = await js.consumer_info("ESPER_KERNELS", "validate")
+        assert info.num_ack_pending == 0  # nothing left captured by the stopped worker
+        assert info.num_pending == 4 - processed
+
+        # A new worker picks up exactly the rest.
+        async with running_worker("validate", bus, database_url, handler):
+            async def rest() -> bool:
+                return len(await effects(engine)) == 4
+
+            await wait_for(rest, 10, "the rest handled")
+        assert await effects(engine) == {f"k{i}": 1 for i in range(4)}
+
+
+async def test_a_poisoned_emit_rolls_back_the_handler_and_its_inbox_row(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    def emit_bad(ctx: HandlerContext[Any]) -> None:
+        ctx.emit(ev.KernelRetired(correlation_id="x", kernel_id=uuid.uuid4(), cache_key="k",
+                                  reason="r" * (ev.MAX_EVENT_BYTES + 1)))
+
+    handler = Recorder({"k2": emit_bad})
+    async with running_worker("validate", bus, database_url, handler), js_client(bus) as js:
+        await publish_event(js, compiled(2))
+
+        async def dead() -> bool:
+            return await scalar(engine, "SELECT count(*) FROM dead_letters") == 1
+
+        await wait_for(dead, 10, "dead letter")
+        assert await effects(engine) == {}
+        assert await scalar(engine, "SELECT count(*) FROM inbox") == 0
+        assert await scalar(engine, "SELECT count(*) FROM outbox WHERE subject = :s",
+                            s=ev.KERNEL_VALIDATED) == 0
