@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -299,3 +300,27 @@ def test_artifact_files_are_read_only(key: Ed25519PrivateKey, packed: bytes) -> 
     art = unpack_verified(packed, key.public_key())
     with pytest.raises(TypeError):
         art.files["kernels.py"] = b"evil"  # type: ignore[index]
+
+
+def test_bytes_are_pinned_across_python_versions() -> None:
+    # The verifier re-serialises and compares bytes, so the container must not
+    # depend on the Python version: this digest was produced on 3.11.7 and 3.12.1.
+    key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"fixed").digest())
+    art = Artifact.build(
+        cache_key="a" * 64,
+        blueprint_hash="b" * 64,
+        target="cuda:sm_90",
+        dtype="bfloat16",
+        backend="triton",
+        versions={"python": "x", "torch": "2.11"},
+        options={"f": 0.1, "u": "é", "t": (1, 2.5e-7), "n": None},
+        files={
+            "ir.json": '{"é": 1}'.encode(),
+            "kernels/fwd0.cubin": bytes(range(256)) * 40,
+            "kernels.py": b"x = 1\n",
+        },
+        created_at="2026-11-26T00:00:00+00:00",
+    )
+    packed = art.pack(key)
+    assert digest_of(packed) == "833c9c4d0435521727344be64ac6b6d4b3bd462da3234b34fae9316ff066e89c"
+    assert unpack_verified(packed, key.public_key()).manifest == art.manifest
