@@ -196,7 +196,8 @@ async def wait_for_kernel(
     max_poll: float = 0.5,
 ) -> Claim:
     """Wait until the kernel's status leaves ``claimed``; return its state. Raises
-    TimeoutError after ``timeout`` s and LookupError if no claim exists."""
+    TimeoutError after ``timeout`` s and LookupError if no claim exists. After a
+    timeout, call ``claim_compile`` again: it takes the claim over if it is stale."""
     deadline = time.monotonic() + timeout
     delay = poll
     while True:
