@@ -45,7 +45,7 @@ class NatsServer:
         sync_always: bool = False,
         cluster: ClusterSpec | None = None,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).expanduser().resolve()
         self.port = port
         self.monitor_port = monitor_port
         self.sync_always = sync_always
@@ -106,6 +106,7 @@ class NatsServer:
 
     @property
     def store_dir(self) -> Path:
+        """Where JetStream keeps streams (the server appends ``jetstream/``)."""
         return self.data_dir / "jetstream"
 
     @property
@@ -136,7 +137,7 @@ class NatsServer:
                 server_name=self.server_name,
                 port=self.port,
                 monitor_port=self.monitor_port,
-                store_dir=self.store_dir,
+                store_dir=self.data_dir,
                 sync_always=self.sync_always,
                 cluster=self.cluster,
             )

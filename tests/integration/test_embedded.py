@@ -57,6 +57,7 @@ async def test_nats_stream_survives_graceful_restart_and_sigkill(
     await _publish(server.url, "KEEP", 10)
     await asyncio.to_thread(server.restart)
     assert server.port == port and server.running
+    assert any(server.store_dir.rglob("*")), "JetStream wrote nothing under store_dir"
     assert await _stream_count(server.url, "KEEP") == 10
 
     await _publish(server.url, "KEEP", 5, start=10)
