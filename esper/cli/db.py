@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from alembic.util.exc import CommandError
@@ -17,7 +17,7 @@ from esper.infra.endpoints import resolve_database_url
 from esper.settings import get_settings
 
 
-def _run(action: str, step: Callable[[str], Awaitable[None]] | None) -> int:
+def _run(action: str, step: Callable[[str], Coroutine[Any, Any, None]] | None) -> int:
     """Run ``step(url)`` if given, then print the revision the database is at."""
     try:
         url = resolve_database_url(get_settings())

@@ -26,7 +26,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import pgserver
     from pgserver import postgres_server as _pgs
-    from pgserver._commands import POSTGRES_BIN_PATH, pg_ctl
+    from pgserver._commands import (
+        POSTGRES_BIN_PATH,
+        pg_ctl,  # type: ignore[attr-defined]  # made at import
+    )
     from pgserver.utils import PostmasterInfo
 
 PG_USER = "postgres"
