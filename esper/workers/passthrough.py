@@ -42,11 +42,10 @@ def _check_blueprint(event: ev.BlueprintSubmitted) -> Any:
     from esper.ir import BlueprintIR
 
     try:
-        blueprint = BlueprintIR.from_json(event.ir)
+        blueprint = BlueprintIR.from_dict(event.ir)
     except IRValidationError as exc:
         raise Reject(f"invalid blueprint: {exc}") from exc
-    actual = blueprint.canonical_hash
-    actual = actual() if callable(actual) else actual
+    actual = blueprint.canonical_hash()
     if actual != event.blueprint_hash:
         raise Reject(f"blueprint hash mismatch: submitted {event.blueprint_hash}, is {actual}")
     return blueprint
@@ -221,17 +220,18 @@ def deploy_handler() -> Handler:
 
 
 def _schemas(ir: dict[str, Any], dtype: str) -> tuple[list[ev.TensorSpec], list[ev.TensorSpec]]:
-    """Input schemas as declared (in the kernel's dtype where they are floats);
-    output schemas by the IR's shape inference."""
+    """Input and output schemas by the IR's shape inference, floats in the
+    kernel's dtype (integer and bool tensors keep theirs)."""
     from esper.ir import BlueprintIR
 
-    def spec(shape: Any, declared: Any) -> ev.TensorSpec:
-        name = str(getattr(declared, "value", declared))
-        kept = name if name in ("int64", "bool") else dtype
-        return ev.TensorSpec(shape=tuple(shape), dtype=kept)  # type: ignore[arg-type]
+    def spec(schema: Any) -> ev.TensorSpec:
+        declared = schema.dtype.value
+        kept = declared if declared in ("int64", "bool") else dtype
+        return ev.TensorSpec(shape=tuple(schema.shape), dtype=kept)  # type: ignore[arg-type]
 
-    blueprint = BlueprintIR.from_json(ir)
-    inputs = [spec(i["shape"], i.get("dtype", "float32")) for i in ir.get("inputs", [])]
+    blueprint = BlueprintIR.from_dict(ir)
     shapes = blueprint.infer_shapes()
-    outputs = [spec(shapes[o].shape, shapes[o].dtype) for o in blueprint.outputs]
-    return inputs, outputs
+    return (
+        [spec(shapes[i.name]) for i in blueprint.inputs],
+        [spec(shapes[name]) for name in blueprint.outputs],
+    )

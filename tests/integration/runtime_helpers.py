@@ -144,3 +144,35 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait()
+
+
+def mlp_blueprint(i: int, width: int = 64) -> dict[str, Any]:
+    """A residual MLP whose hidden size makes blueprint ``i`` structurally unique."""
+    return {
+        "schema_version": 1,
+        "name": f"residual_mlp_{i}",
+        "inputs": [{"name": "x", "shape": ["B", width], "dtype": "float32"}],
+        "nodes": [
+            {"id": "h", "op": "linear", "inputs": ["x"], "attrs": {"out_features": 16 + i}},
+            {"id": "a", "op": "gelu", "inputs": ["h"]},
+            {"id": "y", "op": "linear", "inputs": ["a"],
+             "attrs": {"out_features": width, "init": "zeros"}},
+            {"id": "out", "op": "add", "inputs": ["x", "y"]},
+        ],
+        "outputs": ["out"],
+        "metadata": {"tags": ["test"]},
+    }
+
+
+@contextlib.asynccontextmanager
+async def pipeline(
+    nats_url: str | list[str], database_url: str, **kw: Any
+) -> AsyncIterator[dict[str, Worker]]:
+    """compile, validate and deploy workers (pass-through) in this event loop."""
+    async with contextlib.AsyncExitStack() as stack:
+        workers = {}
+        for stage in ("compile", "validate", "deploy"):
+            workers[stage] = await stack.enter_async_context(
+                running_worker(stage, nats_url, database_url, **kw)
+            )
+        yield workers

@@ -1,0 +1,145 @@
+"""Submit → compile → validate → deploy with the pass-through handlers, on real
+servers: every blueprint ends ready, its journey recorded in order; invalid
+blueprints are dead-lettered with the IR's reason."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from esper.bus import events as ev
+from esper.bus.publish import make_submission, publish_event, submit_blueprints
+from esper.db.engine import create_engine
+from esper.errors import IRValidationError
+from tests.integration.runtime_helpers import (
+    js_client,
+    mlp_blueprint,
+    pipeline,
+    rows,
+    scalar,
+    wait_for,
+    wipe_bus,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def bus(nats_url: str) -> str:
+    await wipe_bus(nats_url)
+    return nats_url
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_engine(database_url)
+    yield eng
+    await eng.dispose()
+
+
+async def ready_count(engine: AsyncEngine) -> int:
+    return await scalar(engine, "SELECT count(*) FROM kernels WHERE status = 'ready'")
+
+
+async def test_n_blueprints_become_n_ready_kernels_in_journey_order(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    n = 40
+    async with pipeline(bus, database_url), js_client(bus) as js:
+        submitted = await submit_blueprints(bus, [mlp_blueprint(i) for i in range(n)])
+
+        async def all_ready() -> bool:
+            return await ready_count(engine) == n
+
+        await wait_for(all_ready, 20, f"{n} kernels ready")
+        info = await js.stream_info("ESPER_KERNELS", subjects_filter=ev.KERNEL_READY)
+        assert (info.state.subjects or {}).get(ev.KERNEL_READY) == n
+
+    history = await rows(
+        engine,
+        "SELECT blueprint_hash, blueprint_name, event, status, correlation_id, backend "
+        "FROM kernel_history ORDER BY event_seq",
+    )
+    by_hash: dict[str, list[str]] = {}
+    for h in history:
+        by_hash.setdefault(h.blueprint_hash, []).append(h.event)
+        assert h.backend == "passthrough"
+    assert {s.blueprint_hash for s in submitted} == set(by_hash)
+    assert all(events == ["compiled", "validated", "ready"] for events in by_hash.values())
+    journeys = {s.blueprint_hash: s.correlation_id for s in submitted}
+    assert all(h.correlation_id == journeys[h.blueprint_hash] for h in history)
+    assert await scalar(engine, "SELECT count(*) FROM deployments") == n
+    assert await scalar(engine, "SELECT count(*) FROM validations WHERE passed") == n
+    assert await scalar(engine, "SELECT sum(submit_count) FROM blueprints") == n
+    assert await scalar(engine, "SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0
+    assert await scalar(engine, "SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_a_resubmitted_blueprint_is_a_cache_hit_and_walks_every_stage(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    async with pipeline(bus, database_url), js_client(bus) as js:
+        first, second = (make_submission(mlp_blueprint(1)) for _ in range(2))
+        assert first.blueprint_hash == second.blueprint_hash
+        assert first.correlation_id != second.correlation_id
+        await publish_event(js, first)
+
+        async def ready() -> bool:
+            return await ready_count(engine) == 1
+
+        await wait_for(ready, 10, "the first journey")
+        await publish_event(js, second)
+
+        async def second_done() -> bool:
+            return await scalar(
+                engine, "SELECT count(*) FROM kernel_history WHERE correlation_id = :c "
+                "AND event = 'ready'", c=second.correlation_id,
+            ) == 1
+
+        await wait_for(second_done, 10, "the second journey")
+        hit = await scalar(
+            engine, "SELECT detail->>'cache_hit' FROM kernel_history WHERE correlation_id = :c "
+            "AND event = 'compiled'", c=second.correlation_id,
+        )
+        assert hit == "true"
+    assert await scalar(engine, "SELECT count(*) FROM kernels") == 1
+    assert await scalar(engine, "SELECT count(*) FROM deployments") == 1
+    assert await scalar(engine, "SELECT submit_count FROM blueprints") == 2
+
+
+async def test_invalid_blueprints_are_dead_lettered_with_the_ir_reason(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    broken = mlp_blueprint(0)
+    broken["nodes"][1]["inputs"] = ["nowhere"]
+    # The submit path validates locally and publishes nothing.
+    with pytest.raises(IRValidationError):
+        await submit_blueprints(bus, [mlp_blueprint(5), broken])
+
+    good = make_submission(mlp_blueprint(2))
+    # A publisher that skipped validation: an invalid IR, and a valid IR under a false hash.
+    invalid = good.model_copy(update={"event_id": uuid.uuid4(), "ir": broken})
+    liar = good.model_copy(update={"event_id": uuid.uuid4(), "blueprint_hash": "0" * 64})
+    async with pipeline(bus, database_url) as workers, js_client(bus) as js:
+        for event in (invalid, liar, good):
+            await publish_event(js, event)
+
+        async def settled() -> bool:
+            return await ready_count(engine) == 1 and (
+                await scalar(engine, "SELECT count(*) FROM dead_letters") == 2
+            )
+
+        await wait_for(settled, 15, "one ready kernel and two dead letters")
+        assert workers["compile"].metrics.value("esper_worker_dead_lettered_total") == 2
+    found = await rows(engine, "SELECT stage, event_id, reason FROM dead_letters ORDER BY id")
+    by_id = {r.event_id: r for r in found}
+    assert by_id[str(invalid.event_id)].stage == "compile"
+    assert "invalid blueprint" in by_id[str(invalid.event_id)].reason
+    assert "nowhere" in by_id[str(invalid.event_id)].reason
+    assert "hash mismatch" in by_id[str(liar.event_id)].reason
+    # Nothing of theirs reached the tables a user reads.
+    assert await scalar(engine, "SELECT count(*) FROM kernels") == 1
