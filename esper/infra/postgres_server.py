@@ -25,13 +25,13 @@ with warnings.catch_warnings():
     # pgserver asks platformdirs for XDG_RUNTIME_DIR at import and warns when unset.
     warnings.simplefilter("ignore")
     import pgserver
+    from pgserver import _commands
     from pgserver import postgres_server as _pgs
-    from pgserver._commands import (
-        POSTGRES_BIN_PATH,
-        pg_ctl,  # type: ignore[attr-defined]  # made at import
-    )
     from pgserver.utils import PostmasterInfo
 
+# pgserver makes one function per bundled binary when it is imported.
+pg_ctl = _commands.pg_ctl  # type: ignore[attr-defined]
+POSTGRES_BIN_PATH = _commands.POSTGRES_BIN_PATH
 PG_USER = "postgres"
 
 
