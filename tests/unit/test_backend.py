@@ -21,6 +21,7 @@ from esper.compile.backend import (
     register_backend,
 )
 from esper.compile.evaluate import evaluate
+from esper.compile.ids import params_for
 from esper.compile.passes import optimize
 from esper.compile.pipeline import compile_blueprint, compute_cache_key, load_artifact
 from esper.compile.reference import TorchBackend, build_module
@@ -132,8 +133,9 @@ def test_pipeline_round_trip_computes_the_blueprint(ir: BlueprintIR, keys: Any) 
     module = load_artifact(result.packed, public)("cpu").eval()
     assert {p.dtype for p in module.parameters()} == {torch.float32}
     x = torch.randn(4, 16)
-    torch.testing.assert_close(module(x).double(), evaluate(ir, [x], dict(module.params))[0],
-                               rtol=1e-5, atol=1e-5)
+    # The artifact's IR is canonical (ids n0, n1, ...): map the submitted ids onto it.
+    want = evaluate(ir, [x], params_for(ir, module))[0]
+    torch.testing.assert_close(module(x).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_pipeline_half_precision_artifact_builds_half_modules(ir: BlueprintIR,
