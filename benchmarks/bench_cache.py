@@ -148,9 +148,15 @@ def bench_keys(n: int) -> dict[str, dict[str, float]]:
 
         results["parse + canonical hash + key, 50 nodes"] = summarise(time_sync(full, n // 10))
         bp = BlueprintIR.from_json(doc)
-        results["canonical hash + key, 50 nodes (parsed IR)"] = summarise(
-            time_sync(lambda: cache_key(**{**args, "blueprint_hash": bp.canonical_hash()}), n // 10)
-        )
+
+        def rehash() -> str:
+            # The IR memoises its canonical form; drop it so each call recomputes.
+            bp.__dict__.pop("_canonical", None)
+            bp.__dict__.pop("_hash", None)
+            return cache_key(**{**args, "blueprint_hash": bp.canonical_hash()})
+
+        name = "canonical hash + key, 50 nodes (parsed IR)"
+        results[name] = summarise(time_sync(rehash, n // 10))
     except Exception as exc:
         print(f"(skipping 50-node IR hash: {type(exc).__name__}: {exc})", file=sys.stderr)
     return results
@@ -199,9 +205,17 @@ async def bench_tiers(tmp: Path, n: int) -> tuple[dict[str, dict[str, float]], i
                 reg.memory.discard(ck)
                 reg.disk.discard_key(ck)
 
-            r["durable hit"] = summarise(
-                await time_async(lambda: reg.lookup(ck), n // 2, before=drop_local)
-            )
+            hits, fills = [], []
+            for _ in range(n // 2):
+                drop_local()
+                t0 = time.perf_counter()
+                await reg.lookup(ck)
+                t1 = time.perf_counter()
+                await reg.flush()  # the disk fill runs off the lookup's path
+                hits.append(t1 - t0)
+                fills.append(time.perf_counter() - t1)
+            r["durable hit"] = summarise(hits)
+            r["disk fill after a durable hit (background)"] = summarise(fills)
             r["durable get only (PG row + object)"] = summarise(
                 await time_async(lambda: durable.get_by_key(ck), n // 2)
             )
@@ -251,7 +265,11 @@ def render(results: dict[str, dict[str, float]], size: int, args: argparse.Names
         "`unpack_verified` (Ed25519 + every file digest + canonical re-serialisation), the "
         "loader (compiles the generated source, parses kernel metadata), memory fill.",
         "- *durable hit*: memory and disk entry dropped; Postgres row lookup, JetStream "
-        "object-store get, verify, load, then the disk fill (fsync'd write) and memory fill.",
+        "object-store get, verify, load, memory fill. The disk fill (fsync'd write) runs in "
+        "a thread off the lookup's path; its time is the next row.",
+        "- *cache key*: `cache_key(...)` from a canonical hash; the 50-node rows add "
+        "`BlueprintIR.canonical_hash()` recomputed each time (its memo dropped) and, in "
+        "the first, JSON parsing and validation of the blueprint.",
         "",
     ]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -80,12 +80,21 @@ class DurableTier:
     async def get(self, digest: str) -> bytes | None:
         store = await self.object_store()
         try:
-            # nats-py's get can wait forever if the object's chunks are purged
-            # under it (a concurrent re-put): bound it.
-            result = await asyncio.wait_for(store.get(digest), self.get_timeout)
-        except ObjectNotFoundError:
+            info = await store.get_info(digest)
+            if info.chunks == 1 and not info.is_link() and info.nuid:
+                # One chunk (objects up to 128 KiB: most kernels): a direct get of
+                # it is one request, where ObjectStore.get creates a consumer.
+                msg = await self._js.get_last_msg(
+                    f"OBJ_{self.bucket}", f"$O.{self.bucket}.C.{info.nuid}", direct=True
+                )
+                data = bytes(msg.data or b"")
+            else:
+                # nats-py's get can wait forever if the object's chunks are purged
+                # under it (a concurrent re-put): bound it.
+                result = await asyncio.wait_for(store.get(digest), self.get_timeout)
+                data = bytes(result.data or b"")
+        except (ObjectNotFoundError, NotFoundError):
             return None
-        data = bytes(result.data or b"")
         if sha256_hex(data) != digest:
             log.error("durable object %s does not match its name; ignoring it", digest)
             return None

@@ -59,6 +59,7 @@ class KernelRegistry:
         self.loader = loader
         self.stats = stats if stats is not None else CacheStats(metrics_registry)
         self._inflight: dict[str, asyncio.Future[LoadedKernel | None]] = {}
+        self._fills: set[asyncio.Future[Any]] = set()
 
     def verify(self, cache_key: str, packed: bytes) -> Artifact:
         """Signature, digests, container — and that the artifact is for this key
@@ -130,12 +131,30 @@ class KernelRegistry:
                     self.stats.reject("durable")
                     log.error("durable store refused artifact for %s: %s", cache_key, exc)
                 else:
-                    await asyncio.to_thread(self.disk.put, cache_key, packed)
+                    self._fill_disk(cache_key, packed)
                     return loaded
 
         if refused is not None:
             raise refused
         return None
+
+    def _fill_disk(self, cache_key: str, packed: bytes) -> None:
+        # Off the lookup's path: the fsync'd write is the slowest part of a durable
+        # hit, and the kernel is already verified and loaded. ``flush`` awaits it.
+        fill = asyncio.ensure_future(asyncio.to_thread(self.disk.put, cache_key, packed))
+        self._fills.add(fill)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._fills.discard(f)
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("disk fill for %s failed: %s", cache_key, f.exception())
+
+        fill.add_done_callback(done)
+
+    async def flush(self) -> None:
+        """Wait for pending disk fills (call before exit to keep what was fetched)."""
+        while self._fills:
+            await asyncio.gather(*self._fills, return_exceptions=True)
 
     async def _load(self, cache_key: str, packed: bytes, tier: str) -> LoadedKernel:
         artifact = self.verify(cache_key, packed)

@@ -199,6 +199,7 @@ async def test_registry_miss_fills_every_tier(durable: DurableTier, tmp_path: Pa
     first = await trainer.lookup(ck)
     assert first is not None and first.tier == "durable"
     assert first.kernel.startswith("# generated")
+    await trainer.flush()
     assert trainer.disk.get_by_key(ck) == packed
     assert (await trainer.lookup(ck)) is first
     # A second trainer process on that machine: disk hit, durable untouched.

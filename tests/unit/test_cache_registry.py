@@ -120,8 +120,9 @@ async def test_durable_hit_fills_disk_and_memory(tmp_path: Path) -> None:
     reg, _ = make_registry(tmp_path, durable)
     found = await reg.lookup(ck)
     assert found is not None and found.tier == "durable"
-    assert reg.disk.get_by_key(ck) == packed
     assert ck in reg.memory
+    await reg.flush()
+    assert reg.disk.get_by_key(ck) == packed
     # Another process on this machine now hits disk without asking durable.
     other, _ = make_registry(tmp_path, durable)
     gets = durable.gets
@@ -158,6 +159,7 @@ async def test_tampered_disk_copy_falls_back_to_durable(tmp_path: Path) -> None:
     reg.disk.put(ck, packed[:-1] + b"\1")
     found = await reg.lookup(ck)
     assert found is not None and found.tier == "durable"
+    await reg.flush()
     assert reg.disk.get_by_key(ck) == packed
     assert reg.stats.rejected["disk"] == 1
 
