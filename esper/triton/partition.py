@@ -250,7 +250,7 @@ def partition(ir: BlueprintIR, attrs: dict[str, dict[str, Any]]) -> Plan:
             seen_groups.add(g)
             steps.append(_build_group(len(seen_groups) - 1,
                                       [units[m] for m in sorted(members[g])], shapes,
-                                      cons, graph_outputs))
+                                      consumers, graph_outputs | set(torch_out_consumers)))
     steps = _toposort(steps, {i.name for i in ir.inputs})
     plan = Plan(inputs=[i.name for i in ir.inputs], outputs=list(ir.outputs), steps=steps)
     _unsplit_lonely_biases(plan)
@@ -281,7 +281,9 @@ def _toposort(steps: list[TorchStep | FusedStep], ready: set[str]) -> list[Torch
 
 
 def _build_group(index: int, mem: list[_U], shapes: dict[str, tuple[Any, ...]],
-                 cons: dict[str, list[int]], graph_outputs: set[str]) -> FusedStep:
+                 cons: dict[str, list[int]], needed: set[str]) -> FusedStep:
+    """``cons``: direct unit consumers of each value; ``needed``: values read by
+    torch steps or returned by the graph."""
     frame = mem[0].frame
     c = int(frame[-1])
     p = TileProgram()
@@ -304,7 +306,7 @@ def _build_group(index: int, mem: list[_U], shapes: dict[str, tuple[Any, ...]],
     outputs: list[GroupOutput] = []
     for u in mem:
         used_outside = any(x not in uids for x in cons.get(u.out, []))
-        if used_outside or u.out in graph_outputs:
+        if used_outside or u.out in needed:
             vid = val[u.out]
             kind = p.kind(vid)
             if kind != u.out_kind:  # e.g. identity of a row value: store as its own kind

@@ -1,0 +1,74 @@
+"""Shared helpers of the Triton backend's CPU tests (no tests here; kernels run under
+TRITON_INTERPRET=1): compile a blueprint without binaries, load it, and compare
+forward and backward with the float64 evaluator."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from esper.compile.backend import CompileOptions
+from esper.compile.evaluate import evaluate
+from esper.ir import BlueprintIR
+
+TOL = {"float32": 2e-4, "float16": 2e-2}
+
+
+@pytest.fixture
+def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels run on CPU through Triton's interpreter (read when kernels are defined)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def compile_and_load(ir: BlueprintIR, dtype: str = "float32") -> tuple[Any, dict[str, bytes]]:
+    from esper.triton.backend import TritonBackend
+
+    be = TritonBackend()
+    cf = be.compile(ir, "cuda:sm_90",
+                    CompileOptions(dtype=dtype, autotune=False, extra={"binaries": False}))
+    factory = be.load(SimpleNamespace(dtype=dtype), cf.files)  # type: ignore[arg-type]
+    return factory, dict(cf.files)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.detach().double(), b.detach().double()
+    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-12))
+
+
+def check_against_float64(module: Any, batch: int = 5, seed: int = 0) -> None:
+    """Outputs, input grads and parameter grads of ``module`` vs float64 ground truth."""
+    ir = module.ir
+    dtype = module.compute_dtype
+    name = str(dtype).removeprefix("torch.")
+    tol = TOL[name]
+    g = torch.Generator().manual_seed(seed)
+    symbols: dict[str, int] = {}
+    xs64 = []
+    for spec in ir.inputs:
+        shape = [symbols.setdefault(d, batch) if isinstance(d, str) else d for d in spec.shape]
+        xs64.append(torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_(True))
+    params64 = {k: p.detach().double().requires_grad_(True) for k, p in module.params.items()}
+    want = evaluate(ir, xs64, params64, model_dtype=dtype)
+    xs = [x.detach().to(dtype).requires_grad_(True) for x in xs64]
+    module.zero_grad(set_to_none=True)
+    got = module(*xs)
+    got = got if isinstance(got, tuple) else (got,)
+    assert len(got) == len(want)
+    gouts = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in want]
+    for o, w in zip(got, want, strict=True):
+        assert o.dtype == dtype and o.shape == w.shape
+        assert torch.isfinite(o).all()
+        assert rel_err(o, w) < tol, f"forward rel err {rel_err(o, w):.2e}"
+    torch.autograd.backward(list(want), gouts)
+    torch.autograd.backward(list(got), [t.to(dtype) for t in gouts])
+    for x, x64 in zip(xs, xs64, strict=True):
+        assert x.grad is not None and rel_err(x.grad, x64.grad) < tol * 2, "input grad"
+    for k, p in module.params.items():
+        ref = params64[k].grad
+        if ref is None:
+            continue
+        assert p.grad is not None, f"no grad for {k}"
+        assert rel_err(p.grad, ref) < tol * 2, f"grad {k}: {rel_err(p.grad, ref):.2e}"
