@@ -192,7 +192,12 @@ class Artifact:
         """The signed archive; deterministic (Ed25519 signatures are)."""
         manifest_bytes = self.manifest.canonical_bytes()
         signature = private_key.sign(SIGNATURE_CONTEXT + manifest_bytes)
-        return _serialize(manifest_bytes, signature, self.files)
+        packed = _serialize(manifest_bytes, signature, self.files)
+        if len(packed) > MAX_ARTIFACT_BYTES:
+            raise ValueError(
+                f"artifact would be {len(packed)} bytes; loaders accept at most {MAX_ARTIFACT_BYTES}"
+            )
+        return packed
 
     def text(self, path: str) -> str:
         """A file decoded as UTF-8 (source, IR, metadata JSON)."""
@@ -245,6 +250,8 @@ def _header(name: str, size: int) -> bytes:
             bytes(155 + 12),  # prefix, pad
         )
     )
+    if len(head) != _BLOCK:  # a size beyond the 11 octal digits of ustar
+        raise ValueError(f"member {name!r} of {size} bytes does not fit a ustar header")
     checksum = b"%06o\0 " % sum(head)
     return head[:148] + checksum + head[156:]
 
