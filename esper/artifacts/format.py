@@ -195,7 +195,8 @@ class Artifact:
         packed = _serialize(manifest_bytes, signature, self.files)
         if len(packed) > MAX_ARTIFACT_BYTES:
             raise ValueError(
-                f"artifact would be {len(packed)} bytes; loaders accept at most {MAX_ARTIFACT_BYTES}"
+                f"artifact would be {len(packed)} bytes; "
+                f"loaders accept at most {MAX_ARTIFACT_BYTES}"
             )
         return packed
 

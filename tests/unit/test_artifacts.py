@@ -324,3 +324,11 @@ def test_bytes_are_pinned_across_python_versions() -> None:
     packed = art.pack(key)
     assert digest_of(packed) == "833c9c4d0435521727344be64ac6b6d4b3bd462da3234b34fae9316ff066e89c"
     assert unpack_verified(packed, key.public_key()).manifest == art.manifest
+
+
+def test_pack_refuses_what_loaders_would_refuse(
+    key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fmt, "MAX_ARTIFACT_BYTES", 4096)
+    with pytest.raises(ValueError, match="at most 4096"):
+        build().pack(key)
