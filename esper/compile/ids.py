@@ -13,25 +13,30 @@ import torch
 
 from esper.compile.params import BlueprintModule, param_key, param_keys
 from esper.compile.passes import optimize
-from esper.compile.passes.rewrite import COMMUTATIVE, attrs_key
+from esper.compile.passes.rewrite import COMMUTATIVE, attrs_key, symbol_names
 from esper.errors import CompileError
 from esper.ir import BlueprintIR
 
 _COMMUTATIVE_PORT = -1
 
 
-def _colours(irs: tuple[BlueprintIR, ...]) -> list[dict[str, int]]:
+def _colours(irs: tuple[BlueprintIR, ...]
+             ) -> tuple[list[dict[str, int]], list[dict[str, str]]]:
     """Colour refinement run on both graphs with one shared palette: equal colours
-    are indistinguishable by op, attrs, operands, consumers and output position."""
+    are indistinguishable by op, attrs, operands, consumers and output position.
+    Also returns each node's symbol-normalised attrs key."""
     palette: dict[Any, int] = {}
 
     def paint(sig: Any) -> int:
         return palette.setdefault(sig, len(palette))
 
     colours: list[dict[str, int]] = []
+    keys: list[dict[str, str]] = []
     for ir in irs:
+        symbols = symbol_names(ir)
+        keys.append({n.id: attrs_key(n, symbols) for n in ir.nodes})
         col = {i.name: paint(("in", k)) for k, i in enumerate(ir.inputs)}
-        col.update({n.id: paint((n.op.value, attrs_key(n))) for n in ir.nodes})
+        col.update({n.id: paint((n.op.value, keys[-1][n.id])) for n in ir.nodes})
         colours.append(col)
     consumers = []
     for ir in irs:
@@ -43,7 +48,7 @@ def _colours(irs: tuple[BlueprintIR, ...]) -> list[dict[str, int]]:
         consumers.append(uses)
     rounds = max(len(ir.nodes) + len(ir.inputs) for ir in irs) + 1
     for _ in range(rounds):
-        palette_before = len(palette)
+        classes = sum(len(set(col.values())) for col in colours)
         new_colours = []
         for ir, col, uses in zip(irs, colours, consumers, strict=True):
             outs = {name: k for k, name in enumerate(ir.outputs)}
@@ -60,9 +65,9 @@ def _colours(irs: tuple[BlueprintIR, ...]) -> list[dict[str, int]]:
                 new[name] = paint((col[name], operands, users, outs.get(name)))
             new_colours.append(new)
         colours = new_colours
-        if len(palette) == palette_before:
-            break
-    return colours
+        if sum(len(set(col.values())) for col in colours) == classes:
+            break  # the partition is stable
+    return colours, keys
 
 
 def match_nodes(src: BlueprintIR, dst: BlueprintIR) -> dict[str, str]:
@@ -70,7 +75,7 @@ def match_nodes(src: BlueprintIR, dst: BlueprintIR) -> dict[str, str]:
     structure, outputs in order). Raises CompileError when the graphs differ."""
     if len(src.inputs) != len(dst.inputs) or len(src.nodes) != len(dst.nodes):
         raise CompileError(f"blueprints {src.name!r} and {dst.name!r} are not the same graph")
-    col_src, col_dst = _colours((src, dst))
+    (col_src, col_dst), (key_src, key_dst) = _colours((src, dst))
     mapping = {a.name: b.name for a, b in zip(src.inputs, dst.inputs, strict=True)}
     by_colour: dict[int, list[str]] = {}
     for n in dst.nodes:
@@ -80,7 +85,7 @@ def match_nodes(src: BlueprintIR, dst: BlueprintIR) -> dict[str, str]:
 
     def fits(a_id: str, b_id: str) -> bool:
         a, b = src.node(a_id), dst.node(b_id)
-        if a.op != b.op or attrs_key(a) != attrs_key(b):
+        if a.op != b.op or key_src[a_id] != key_dst[b_id]:
             return False
         mapped = [mapping[i] for i in a.inputs]
         if a.op in COMMUTATIVE:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from esper.compile.evaluate import evaluate
 from esper.compile.params import init_parameters, param_key, param_keys
 from esper.compile.reference import build_module
 from esper.ir import BlueprintIR
@@ -47,19 +46,32 @@ def test_zero_init_adapter_is_the_identity_on_its_residual() -> None:
 def test_bundled_zero_init_blueprints_leave_their_residual_unchanged() -> None:
     from esper.ir import bundled
 
-    checked = 0
+    checked = residuals = 0
     for name, ir in bundled().items():
         zero_nodes = [n.id for n in ir.nodes if n.resolved_attrs.get("init") == "zeros"]
         if not zero_nodes:
             continue
-        module = build_module(ir).eval()
-        # Feed the last zero-initialised node's output through evaluation: it is 0.
-        probe = BlueprintIR.from_dict({**ir.to_dict(), "outputs": zero_nodes})
+        # Expose every zero-initialised node as an output too: each computes 0.
+        outputs = list(dict.fromkeys([*ir.outputs, *zero_nodes]))
+        probe = BlueprintIR.from_dict({**ir.to_dict(), "outputs": outputs})
+        module = build_module(probe).eval()
         xs = [torch.randn([3 if isinstance(d, str) else d for d in i.shape]) for i in ir.inputs]
-        for value in evaluate(probe, xs, dict(module.params)):
-            assert torch.count_nonzero(value) == 0, name
+        values = dict(zip(outputs, module(*xs), strict=True))
+        for node_id in zero_nodes:
+            assert torch.count_nonzero(values[node_id]) == 0, (name, node_id)
+        # A residual output x + branch(x) whose branch ends in a zero init is x, exactly.
+        inputs = dict(zip((i.name for i in ir.inputs), xs, strict=True))
+        for out in ir.outputs:
+            node = ir.node(out) if out not in inputs else None
+            if node is None or node.op.value != "add":
+                continue
+            a, b = node.inputs
+            for res, branch in ((a, b), (b, a)):
+                if res in inputs and branch in zero_nodes:
+                    assert torch.equal(values[out], inputs[res]), (name, out)
+                    residuals += 1
         checked += 1
-    assert checked >= 1
+    assert checked >= 1 and residuals >= 1
 
 
 @pytest.mark.parametrize("fan_in", [16, 300])

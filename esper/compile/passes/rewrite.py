@@ -16,9 +16,26 @@ NEVER_MERGE = PARAMETERISED | {IRNodeType.DROPOUT}
 COMMUTATIVE = frozenset({IRNodeType.ADD, IRNodeType.MUL})
 
 
-def attrs_key(node: IRNode) -> str:
-    """The node's resolved attrs as canonical JSON (defaults filled)."""
-    return json.dumps(node.resolved_attrs, sort_keys=True, default=str)
+def attrs_key(node: IRNode, symbols: dict[str, str] | None = None) -> str:
+    """The node's resolved attrs as canonical JSON (defaults filled); with
+    ``symbols``, dim symbols inside list attrs (``reshape`` targets) are renamed."""
+    attrs: dict[str, object] = dict(node.resolved_attrs)
+    if symbols:
+        for name, value in attrs.items():
+            if isinstance(value, (tuple, list)):
+                attrs[name] = [symbols.get(v, v) if isinstance(v, str) else v for v in value]
+    return json.dumps(attrs, sort_keys=True, default=str)
+
+
+def symbol_names(ir: BlueprintIR) -> dict[str, str]:
+    """Dim symbols renamed by first appearance in the inputs, so that two graphs
+    differing only in symbol names compare equal."""
+    out: dict[str, str] = {}
+    for inp in ir.inputs:
+        for d in inp.shape:
+            if isinstance(d, str) and d not in out:
+                out[d] = f"S{len(out)}"
+    return out
 
 
 def live_nodes(nodes: Sequence[dict[str, Any]], outputs: Sequence[str]) -> list[dict[str, Any]]:
