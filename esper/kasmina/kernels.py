@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+# What a loaded kernel artifact gives: factory(device) → a fresh module. Opaque here.
+from esper.compile.backend import ModuleFactory
 from esper.kasmina.schema import SiteSchema
-
-ModuleFactory = Callable[[torch.device], nn.Module]
-"""What a loaded kernel artifact gives: a callable building a fresh module
-(own parameters) on a device. Opaque to Kasmina."""
 
 
 @dataclass(frozen=True, slots=True)

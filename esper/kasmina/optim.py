@@ -88,7 +88,7 @@ class SeedOptimizer:
         if ps:
             move_params(ps, self.optimizer, dst, group=group)
 
-    def keys(self) -> list[Hashable]:
+    def in_order(self) -> list[Hashable]:
         """Seeds in param-group order (what a checkpoint must rebuild)."""
         return list(self._keys)
 

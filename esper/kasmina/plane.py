@@ -229,8 +229,14 @@ class Kasmina(nn.Module):
                     owners.extend((layer, o, "non-finite gradient") for o in checked[0])
         if flags:
             ok_all = torch.cat(flags).cpu().tolist()  # the step's one host sync
-            for ok, (layer, seeds, reason) in zip(ok_all, owners, strict=True):
-                if not ok:
+            failed = [o for ok, o in zip(ok_all, owners, strict=True) if not ok]
+            for layer, seeds, reason in failed:
+                if len(seeds) == 1:
+                    layer.faults.add(seeds, reason)
+            # A group-level flag (the batched input gradient) blames the group's own
+            # faulty seeds when there are any, else every seed of the group.
+            for layer, seeds, reason in failed:
+                if len(seeds) > 1 and not any(s in layer.faults.found for s in seeds):
                     layer.faults.add(seeds, reason)
         budget = self.config.max_seed_latency_s
         for layer in self._by_name.values():
@@ -307,8 +313,13 @@ class Kasmina(nn.Module):
         slot.kernel_slot = layer.kernels.slot_for(offer.cache_key, offer.factory)
         slot.cache_key = offer.cache_key
         self._move(layer, seed, S.GERMINATED, step, "kernel offered")
+        self.start_load(layer, seed)
+
+    def start_load(self, layer: KasminaLayer, seed: int) -> None:
+        """Build a GERMINATED seed's kernel on the loader pool (also used on resume)."""
+        entry = layer.kernels[layer.state.slots[seed].kernel_slot]
         self._loading[(layer.name, seed)] = self._get_loader().submit(
-            offer.factory, self.device, layer.schema
+            entry.factory, self.device, layer.schema
         )
 
     def _finish_load(self, layer: KasminaLayer, seed: int, step: int) -> None:
