@@ -37,6 +37,10 @@ HISTORY_SQL = text(
     """
 )
 
+DEAD_SQL = text(
+    "SELECT event_id, reason FROM dead_letters WHERE stage = 'compile' AND event_id = ANY(:ids)"
+)
+
 KERNELS_SQL = text(
     "SELECT blueprint_hash, id, status FROM kernels WHERE blueprint_hash = ANY(:hashes)"
 )
@@ -121,6 +125,13 @@ class EsperClient:
             for r in rows
         ]
 
+    async def _dead_lettered(self, by_event: dict[str, str]) -> list[tuple[str, str]]:
+        if not by_event:
+            return []
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(DEAD_SQL, {"ids": list(by_event)})).all()
+        return [(by_event[r.event_id], r.reason) for r in rows]
+
     async def wait(
         self,
         hashes: Sequence[str],
@@ -128,10 +139,13 @@ class EsperClient:
         timeout: float = 300.0,
         poll: float = 0.1,
         on_event: Callable[[HistoryRow], None] | None = None,
+        submissions: Sequence[ev.BlueprintSubmitted] = (),
     ) -> Outcome:
         """Until every blueprint has kernels and all are terminal (or timeout).
-        A blueprint is rejected if any of its kernels was rejected or failed."""
+        A blueprint is rejected if any of its kernels was rejected or failed, or
+        if the compile stage dead-lettered its submission (one of ``submissions``)."""
         deadline = time.monotonic() + timeout
+        by_event = {str(s.event_id): s.blueprint_hash for s in submissions}
         after = 0
         seen: dict[str, list[HistoryRow]] = {h: [] for h in hashes}
         while True:
@@ -146,6 +160,13 @@ class EsperClient:
             for k in kernels:
                 status[k.blueprint_hash].append(k.status)
             done = {h for h, s in status.items() if s and all(x in TERMINAL for x in s)}
+            for h, reason in await self._dead_lettered(by_event):
+                if h not in done:
+                    done.add(h)
+                    status[h].append("rejected")
+                    seen[h].append(HistoryRow(h, "", "rejected", "rejected", "-", "-", "-",
+                                              {"reasons": [{"check": "dead_letter",
+                                                            "message": reason}]}))
             if len(done) == len(hashes) or time.monotonic() >= deadline:
                 outcome = Outcome()
                 for h in hashes:

@@ -65,7 +65,9 @@ async def _submit(args: argparse.Namespace, blueprints: list[dict[str, Any]]) ->
             )
 
         hashes = list(dict.fromkeys(s.blueprint_hash for s in subs))
-        outcome = await client.wait(hashes, timeout=args.timeout, on_event=show)
+        outcome = await client.wait(
+            hashes, timeout=args.timeout, on_event=show, submissions=subs
+        )
     for h, rows in outcome.rejected.items():
         print(f"rejected: {names[h]} ({h[:12]})", file=sys.stderr)
         print("\n".join(_describe_rejection(rows)), file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 import time
@@ -38,13 +39,22 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log_level)
+    # Their start-up chatter would bury the lines a person needs.
+    for noisy in ("pgserver", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         counts = parse_workers(args.workers, tuple(STAGES))
     except ValueError as exc:
         print(f"esper up: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _raise_stop)
-    servers = start_servers(settings, sync_always=not args.relaxed_fsync)
+    try:
+        servers = start_servers(settings, sync_always=not args.relaxed_fsync)
+    except (KeyboardInterrupt, _Stop):
+        return 130
+    except EsperError as exc:
+        print(f"esper up: {exc}", file=sys.stderr)
+        return 1
     supervisor: Supervisor | None = None
     try:
         asyncio.run(upgrade(servers.endpoints.database_url))
