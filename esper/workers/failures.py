@@ -39,6 +39,19 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+def is_database_outage(exc: BaseException) -> bool:
+    """Postgres unreachable, restarting or aborting us for reasons not of the
+    message's making (connection lost, shutdown, deadlock): worth waiting out."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        return (getattr(exc.orig, "sqlstate", None) or "")[:2] in _TRANSIENT_SQLSTATE
+    # asyncpg raises plain OSErrors while connecting to a server that is down.
+    return isinstance(exc, ConnectionError | OSError) and not isinstance(exc, TimeoutError)
+
+
 def classify(exc: BaseException) -> Verdict:
     """Reject, malformed events and bad values (ValueError, TypeError, KeyError:
     IRValidationError and pydantic's ValidationError among them) are permanent;

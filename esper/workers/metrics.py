@@ -45,6 +45,12 @@ class WorkerMetrics:
             "esper_outbox_published", "Outbox rows published by this worker's relay", ["stage"],
             registry=r,
         )
+        self._dup_published = Counter(
+            "esper_outbox_duplicate_publishes",
+            "Outbox rows JetStream had already (re-published after a relay died)",
+            ["stage"],
+            registry=r,
+        )
 
     def processed(self, n: int = 1) -> None:
         self._processed.labels(self.stage).inc(n)
@@ -67,6 +73,9 @@ class WorkerMetrics:
 
     def published(self, n: int) -> None:
         self._published.labels(self.stage).inc(n)
+
+    def duplicate_publishes(self, n: int) -> None:
+        self._dup_published.labels(self.stage).inc(n)
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (tests, health output); 0 if never set."""

@@ -71,6 +71,8 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = False
         self.published_total = 0
+        # Rows JetStream already had: a relay died between publish and mark.
+        self.duplicates_total = 0
 
     def trigger(self) -> None:
         self._wake.set()
@@ -151,6 +153,11 @@ class OutboxRelay:
         pairs = zip(rows, results, strict=True)
         acked = [row[0] for row, r in pairs if not isinstance(r, BaseException)]
         failed = [r for r in results if isinstance(r, BaseException)]
+        dups = sum(bool(getattr(r, "duplicate", False)) for r in results)
+        if dups:
+            self.duplicates_total += dups
+            if self._metrics is not None:
+                self._metrics.duplicate_publishes(dups)
         if failed:
             log.warning(
                 "outbox relay: %d of %d publishes failed: %s", len(failed), len(rows), failed[0]

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from esper.bus import events as ev
@@ -37,7 +38,13 @@ from esper.bus.pull import PullConsumer
 from esper.bus.topology import Topology, consumer_spec, ensure_topology
 from esper.errors import Retry
 from esper.workers import deadletter, inbox, outbox
-from esper.workers.failures import Verdict, classify, describe, is_transient
+from esper.workers.failures import (
+    Verdict,
+    classify,
+    describe,
+    is_database_outage,
+    is_transient,
+)
 from esper.workers.logging import log_context
 from esper.workers.metrics import WorkerMetrics
 
@@ -267,25 +274,40 @@ class Worker:
         deliveries = [self._delivery(m) for m in msgs]
         work = [d for d in deliveries if d.event is not None]
         out = _Outcome(dead=[(d, describe(d.error)) for d in deliveries if d.event is None])
+        outage = 0
         while True:
             try:
                 await self._transaction(work, out.dead)
                 break
             except _HandlerFailed as failed:
-                work.remove(failed.delivery)
-                self._judge(failed.delivery, failed.exc, out)
-            except Exception as exc:
-                # The transaction itself failed (Postgres down...): nothing is
-                # recorded, so everything goes back with a delay.
-                delay = self.policy.nak_delay(max(d.num_delivered for d in deliveries))
-                level = logging.WARNING if is_transient(exc) else logging.ERROR
-                log.log(level, "transaction failed, retrying batch in %.1fs: %s", delay, exc)
-                self.metrics.failed("transaction")
-                if self._puller is not None and is_transient(exc):
+                # Inside a handler only SQLAlchemy's own errors speak for Postgres;
+                # an OSError there may be the handler's disk or network.
+                if not (isinstance(failed.exc, DBAPIError) and is_database_outage(failed.exc)):
+                    work.remove(failed.delivery)
+                    self._judge(failed.delivery, failed.exc, out)
+                    continue
+                exc: Exception = failed
+            except Exception as caught:
+                exc = caught
+            # The transaction itself failed; nothing was recorded.
+            self.metrics.failed("transaction")
+            cause = exc.exc if isinstance(exc, _HandlerFailed) else exc
+            if is_database_outage(cause) and not self._stop.is_set():
+                # Postgres is away: hold the batch (heartbeats keep it ours) and
+                # try again, so an outage burns no deliveries of innocent messages.
+                outage += 1
+                delay = min(0.05 * 2**outage, 2.0)
+                if outage == 1 or outage % 20 == 0:
+                    log.warning("database unavailable (%s); holding %d messages", cause, len(msgs))
+                if self._puller is not None:
                     self._puller.pause(delay)
-                retry = work + [d for d, _ in out.dead] + [d for d, _ in out.nak]
-                await self._settle(_Outcome(nak=[(d, delay) for d in retry]))
-                return
+                await asyncio.sleep(delay)
+                continue
+            delay = self.policy.nak_delay(max(d.num_delivered for d in deliveries))
+            log.error("transaction failed, batch back in %.1fs: %s", delay, describe(cause))
+            retry = work + [d for d, _ in out.dead] + [d for d, _ in out.nak]
+            await self._settle(_Outcome(nak=[(d, delay) for d in retry]))
+            return
         out.ack = work
         await self._settle(out)
         if self.relay is not None and work:
