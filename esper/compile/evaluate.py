@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from esper.compile.dtypes import torch_dtype
 from esper.compile.inputs import bind_inputs, resolve_shape
 from esper.compile.lowering import RunContext, node_attrs, reduce_dims
 from esper.compile.params import param_keys
@@ -147,14 +146,12 @@ def evaluate(
     params: Mapping[str, T],
     *,
     dtype: torch.dtype = torch.float64,
-    model_dtype: torch.dtype | str | None = None,
 ) -> tuple[T, ...]:
     """Outputs of ``ir`` (in output order) computed in ``dtype``, every float input
     and parameter upcast first. ``params`` is keyed like ``BlueprintModule.params``
     (see ``esper.compile.params``; extra keys are ignored). Dropout is the identity.
-    ``model_dtype`` is the dtype of the module being checked (an artifact's dtype):
-    dtype-dependent defaults (``rms_norm`` eps None) follow it; None means the
-    blueprint's declared dtypes."""
+    Dtype-dependent defaults (``rms_norm`` eps None) follow the blueprint's
+    declared dtypes, as in every backend (``lowering.node_attrs``)."""
     symbols = bind_inputs(ir, inputs)
     ctx = RunContext(symbols=symbols, training=False)
 
@@ -168,7 +165,7 @@ def evaluate(
         if key not in params:
             raise CompileError(f"node {node_id!r}: parameter {name!r} (key {key!r}) not given")
         by_node.setdefault(node_id, {})[name] = up(params[key])
-    attrs = node_attrs(ir, None if model_dtype is None else torch_dtype(model_dtype))
+    attrs = node_attrs(ir)
     for node in ir.topological_order():
         args = [env[i] for i in node.inputs]
         try:

@@ -33,17 +33,16 @@ Rule = Callable[[dict[str, Any], Sequence[torch.Tensor], dict[str, torch.Tensor]
                 torch.Tensor]
 
 
-def node_attrs(ir: BlueprintIR,
-               model_dtype: torch.dtype | None = None) -> dict[str, dict[str, Any]]:
-    """Every node's resolved attrs, with what depends on the dtype filled in:
-    ``rms_norm`` eps None becomes ``finfo(model_dtype).eps`` as in torch, where
-    ``model_dtype`` is the dtype the module computes in (None: the node's declared
-    input dtype)."""
+def node_attrs(ir: BlueprintIR) -> dict[str, dict[str, Any]]:
+    """Every node's resolved attrs, with what depends on the graph filled in:
+    ``rms_norm`` eps None becomes ``finfo(declared input dtype).eps``. The
+    blueprint's declared dtype, not the dtype a module computes in, so every
+    backend, every compiled dtype and the float64 evaluator use one eps."""
     out: dict[str, dict[str, Any]] = {}
     for node in ir.nodes:
         attrs = dict(node.resolved_attrs)
         if node.op is IRNodeType.RMS_NORM and attrs.get("eps") is None:
-            dtype = model_dtype or torch_dtype(ir.schema_of(node.inputs[0]).dtype)
+            dtype = torch_dtype(ir.schema_of(node.inputs[0]).dtype)
             attrs["eps"] = torch.finfo(dtype).eps
         out[node.id] = attrs
     return out

@@ -16,6 +16,7 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, MutableMapping, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -52,6 +53,13 @@ def param_keys(ir: BlueprintIR) -> dict[tuple[str, str], str]:
             seen[key] = (node.id, name)
             keys[(node.id, name)] = key
     return keys
+
+
+def concrete(shape: Sequence[int | str]) -> tuple[int, ...]:
+    """A parameter shape, which the IR guarantees has no symbols."""
+    if not all(isinstance(d, int) for d in shape):
+        raise CompileError(f"parameter shape {list(shape)} has a symbolic dim")
+    return tuple(int(d) for d in shape)
 
 
 # --- initialisation rules: (op, init) -> fill the node's tensors in place ------------
@@ -121,8 +129,10 @@ def init_parameters(
     topological order (so a seeded generator gives the same values on every
     backend). A ``BlueprintModule``'s parameters are filled in place; in a plain
     mapping, missing keys are created with ``dtype``/``device``. Returns key -> tensor."""
-    is_module = isinstance(module_or_dict, BlueprintModule)
-    target = module_or_dict.params if is_module else module_or_dict
+    target: MutableMapping[str, torch.Tensor] = (
+        cast("MutableMapping[str, torch.Tensor]", module_or_dict.params)
+        if isinstance(module_or_dict, BlueprintModule) else module_or_dict
+    )
     shapes = ir.param_shapes()
     keys = param_keys(ir)
     out: dict[str, torch.Tensor] = {}
@@ -132,17 +142,18 @@ def init_parameters(
             if not named:
                 continue
             tensors: dict[str, torch.Tensor] = {}
-            for name, shape in named.items():
+            for name, written in named.items():
+                shape = concrete(written)
                 key = keys[(node.id, name)]
                 tensor = target.get(key)
                 if tensor is None:
-                    tensor = torch.empty(tuple(shape), dtype=dtype, device=device)
+                    tensor = torch.empty(shape, dtype=dtype, device=device)
                     target[key] = tensor
                     tensor = target[key]
-                elif tuple(tensor.shape) != tuple(shape):
+                elif tuple(tensor.shape) != shape:
                     raise CompileError(
                         f"node {node.id!r} ({node.op.value}): parameter {name!r} has shape "
-                        f"{tuple(tensor.shape)}, the IR needs {tuple(shape)}"
+                        f"{tuple(tensor.shape)}, the IR needs {shape}"
                     )
                 tensors[name] = tensor
                 out[key] = tensor
@@ -169,8 +180,8 @@ class BlueprintModule(nn.Module):
         self.params = nn.ParameterDict()
         shapes = ir.param_shapes()
         for (node_id, name), key in self.param_keys.items():
-            shape = shapes[node_id][name]
-            self.params[key] = nn.Parameter(torch.empty(tuple(shape), dtype=dtype, device=device))
+            shape = concrete(shapes[node_id][name])
+            self.params[key] = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
         init_parameters(ir, self, dtype=dtype, device=device, generator=generator)
         self.compute_dtype = dtype
 

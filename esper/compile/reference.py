@@ -46,7 +46,7 @@ class TorchBlueprintModule(BlueprintModule):
         by_node: dict[str, list[tuple[str, str]]] = {}
         for (node_id, name), key in self.param_keys.items():
             by_node.setdefault(node_id, []).append((name, key))
-        attrs = node_attrs(ir, self.compute_dtype)
+        attrs = node_attrs(ir)
         self._steps = tuple(
             _Step(n.id, n.op.value, LOWERING[n.op], attrs[n.id], tuple(n.inputs),
                   tuple(by_node.get(n.id, ())))

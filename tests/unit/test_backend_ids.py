@@ -46,7 +46,7 @@ def _check(ir: BlueprintIR, module: Any, batch: int = 3) -> None:
             p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
     got = module(*xs)
     got = got if isinstance(got, tuple) else (got,)
-    want = evaluate(ir, xs, params_for(ir, module), model_dtype=torch.float32)
+    want = evaluate(ir, xs, params_for(ir, module))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 

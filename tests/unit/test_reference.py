@@ -47,12 +47,10 @@ def test_bundled_forward_matches_float64_evaluation(name: str) -> None:
     m64 = build_module(ir, dtype=torch.float64).eval()
     _normal_params(m64, seed=1)
     xs = concrete_inputs(ir, dtype=torch.float64)
-    # model_dtype: dtype-dependent defaults (rms_norm eps None) as the module has them.
-    ref64 = evaluate(ir, xs, dict(m64.params), model_dtype=torch.float64)
     ref = evaluate(ir, xs, dict(m64.params))
     got64 = _outputs(m64(*xs))
     assert len(got64) == len(ref) == len(ir.outputs)
-    for g, r in zip(got64, ref64, strict=True):
+    for g, r in zip(got64, ref, strict=True):
         assert g.dtype == r.dtype == torch.float64
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
@@ -72,12 +70,13 @@ def test_bundled_backward_matches_float64_evaluation(name: str) -> None:
     xs = [x.requires_grad_() for x in concrete_inputs(ir, dtype=torch.float64, seed=3)]
     params = {k: v.detach().clone().requires_grad_() for k, v in m64.params.items()}
 
+    ref = evaluate(ir, xs, params)
     g = torch.Generator().manual_seed(4)
+    cot = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
     leaves = [*xs, *params.values()]
+    ref_grads = torch.autograd.grad(ref, leaves, cot, allow_unused=True)
+
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 2e-4)):
-        ref = evaluate(ir, xs, params, model_dtype=dtype)
-        cot = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
-        ref_grads = torch.autograd.grad(ref, leaves, cot, allow_unused=True)
         module = build_module(ir, dtype=dtype).eval()
         module.load_state_dict({k: v.to(dtype) for k, v in m64.state_dict().items()})
         mx = [x.detach().to(dtype).requires_grad_() for x in xs]

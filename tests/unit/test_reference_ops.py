@@ -127,7 +127,7 @@ def test_op_matches_float64_evaluation_forward_and_backward(case: tuple[Any, ...
     xs = [x.requires_grad_() for x in _inputs(ir, torch.float64)]
     got = module(*xs)
     params = dict(module.params)
-    want = evaluate(ir, xs, params, model_dtype=torch.float64)[0]
+    want = evaluate(ir, xs, params)[0]
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     cot = torch.randn(want.shape, generator=torch.Generator().manual_seed(2),
                       dtype=torch.float64)

@@ -24,8 +24,8 @@ MAX_ROUNDS = 8
 
 
 def optimize(ir: BlueprintIR) -> BlueprintIR:
-    """Semantics-preserving rewrites; parameterised nodes keep their ids."""
-    before = ir.output_schemas()
+    """Semantics-preserving rewrites; parameterised nodes keep their ids. Returns
+    ``ir`` itself when nothing applies (so re-optimising is cheap)."""
     current = ir
     for _ in range(MAX_ROUNDS):
         start = current
@@ -33,7 +33,9 @@ def optimize(ir: BlueprintIR) -> BlueprintIR:
             current = run(current)
         if current is start:
             break
-    after = current.output_schemas()
+    if current is ir:
+        return ir
+    before, after = ir.output_schemas(), current.output_schemas()
     if after != before:
         raise CompileError(
             f"blueprint {ir.name!r}: optimisation changed the output schemas "
