@@ -92,6 +92,11 @@ class KernelLoader:
     def __init__(self, workers: int) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kasmina-loader")
         self._streams = threading.local()
+        # Start the threads now: starting one later waits for the OS to schedule
+        # it, a stall the training thread would feel at the boundary that offers.
+        started = [self._pool.submit(lambda: None) for _ in range(workers)]
+        for f in started:
+            f.result()
 
     def submit(
         self, factory: ModuleFactory, device: torch.device, schema: SiteSchema

@@ -96,7 +96,7 @@ class Kasmina(nn.Module):
         self.step = -1
         """The last step boundary passed."""
         self._offers = OfferQueue()
-        self._loader: KernelLoader | None = None
+        self._loader: KernelLoader | None = KernelLoader(self.config.loader_workers)
         self._loading: dict[SeedKey, Future[LoadedKernel]] = {}
         self._checked = False
         self.layers = nn.ModuleDict()
