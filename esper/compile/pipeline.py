@@ -4,6 +4,7 @@ The thin seam between the compilation plane and the artifact format."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,12 +50,15 @@ def _resolve(backend: str | Backend, target: str, dtype: str,
 
 def compute_cache_key(ir: BlueprintIR, *, target: str, dtype: str = "float32",
                       backend: str | Backend = "torch",
-                      options: CompileOptions | None = None) -> str:
-    """The key ``compile_blueprint`` would give ``ir``; look it up before compiling."""
+                      options: CompileOptions | None = None,
+                      versions: Mapping[str, str] | None = None) -> str:
+    """The key ``compile_blueprint`` would give ``ir``; look it up before compiling.
+    ``versions`` (default: this process's toolchain) is what the key records."""
     found, options = _resolve(backend, target, dtype, options)
+    if versions is None:
+        versions = current_versions(found.name)
     return cache_key(blueprint_hash=ir.canonical_hash(), target=target, dtype=dtype,
-                     backend=found.name, versions=current_versions(found.name),
-                     options=options.model_dump())
+                     backend=found.name, versions=versions, options=options.model_dump())
 
 
 def compile_blueprint(
@@ -65,14 +69,16 @@ def compile_blueprint(
     backend: str | Backend = "torch",
     options: CompileOptions | None = None,
     private_key: Ed25519PrivateKey,
+    versions: Mapping[str, str] | None = None,
 ) -> CompileResult:
     """Optimise, compile with ``backend`` for ``target``, build and sign the artifact.
     The key and manifest hold the *submitted* IR's canonical hash, so every
-    equivalent submission maps to this artifact."""
+    equivalent submission maps to this artifact. ``versions`` (default: this
+    process's toolchain) go into the key and manifest, as in ``compute_cache_key``."""
     start = time.perf_counter()
     found, options = _resolve(backend, target, dtype, options)
     blueprint_hash = ir.canonical_hash()
-    versions = current_versions(found.name)
+    versions = dict(versions) if versions is not None else current_versions(found.name)
     key = cache_key(blueprint_hash=blueprint_hash, target=target, dtype=dtype,
                     backend=found.name, versions=versions, options=options.model_dump())
     keyed = time.perf_counter()
