@@ -111,11 +111,11 @@ class BlueprintIR(_Revalidating):
         return self.nodes[i - n_in]
 
     def _schemas(self) -> tuple[TensorSchema, ...]:
-        cached = self._cached("_schemas")
+        cached = self._cached("_schemas_t")
         if cached is None:
             an = self._an
             cached = tuple(schema(s, d) for s, d in zip(an.shapes, an.dtypes, strict=True))
-            self.__dict__["_schemas"] = cached
+            self.__dict__["_schemas_t"] = cached  # not "_schemas": that would shadow the method
         return cached  # type: ignore[no-any-return]
 
     def infer_shapes(self) -> dict[str, TensorSchema]:
