@@ -37,12 +37,13 @@ def candidates(prog: TileProgram, c: int, arch: int = 90) -> list[KernelConfig]:
     bc = next_pow2(c)
     loop = stored(prog).has_col_reduction()
     cap = SM_COUNT.get(arch, 132) * 4 if loop else 0
-    out = [heuristic(prog, c, arch)]
-    for elems in (2048, 4096, 8192):
+    h = heuristic(prog, c, arch)
+    out = [h, KernelConfig(block_r=h.block_r, num_warps=max(2, h.num_warps // 2), grid_cap=cap)]
+    for elems in (1024, 16384):
         block_r = max(1, elems // bc)
         real = block_r * bc
-        for warps in (4, 8) if real <= 4096 else (8, 16):
-            out.append(KernelConfig(block_r=block_r, num_warps=warps, grid_cap=cap))
+        out.append(KernelConfig(block_r=block_r, num_warps=4 if real <= 4096 else 8,
+                                grid_cap=cap))
     seen, uniq = set(), []
     for cfg in out:
         key = (cfg.block_r, cfg.num_warps, cfg.grid_cap)

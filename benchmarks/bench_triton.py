@@ -1,0 +1,385 @@
+"""Triton backend benchmark: eager torch vs torch.compile vs Esper, forward+backward.
+
+Two steps, two machines:
+
+  build (this CPU machine, no GPU): compile every case for cuda:sm_90 in fp32 and
+  bf16 (heuristic configs), sign, write ``<dir>/<case>-<dtype>.esper`` + ``pub.pem``
+  + ``compile_times.json``. ``--triton-python`` builds the binaries with another
+  Python's Triton (the GPU machine's version).
+
+      python benchmarks/bench_triton.py build --out .triton-shipped \
+          --triton-python /work/venv-triton36/bin/python
+
+  run (GPU machine): ceilings (copy bandwidth, matmul rate), then per case and
+  dtype: eager, torch.compile (default mode), Esper from the shipped artifact
+  (zero compiles counted), optionally Esper tuned on this GPU (``--tune``); hot
+  load time; writes ``results.json`` and ``results.md``.
+
+      python benchmarks/bench_triton.py run --shipped .triton-shipped --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _x(name: str, shape: list[Any]) -> dict[str, Any]:
+    return {"name": name, "shape": shape, "dtype": "float32"}
+
+
+def _lin(i: str, src: str, n: int, **kw: Any) -> dict[str, Any]:
+    return {"id": i, "op": "linear", "inputs": [src], "attrs": {"out_features": n, **kw}}
+
+
+# name -> (blueprint, symbol bindings at training shape)
+CASES: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
+    "residual_mlp": ({"inputs": [_x("x", ["B", 512])], "nodes": [
+        _lin("h", "x", 2048), {"id": "a", "op": "gelu", "inputs": ["h"]},
+        _lin("y", "a", 512), {"id": "out", "op": "add", "inputs": ["x", "y"]}],
+        "outputs": ["out"]}, {"B": 16384}),
+    "bottleneck_adapter": ({"inputs": [_x("x", ["B", 768])], "nodes": [
+        {"id": "n", "op": "layer_norm", "inputs": ["x"], "attrs": {"normalized_shape": [768]}},
+        _lin("d", "n", 64), {"id": "a", "op": "relu", "inputs": ["d"]},
+        _lin("u", "a", 768), {"id": "out", "op": "add", "inputs": ["x", "u"]}],
+        "outputs": ["out"]}, {"B": 32768}),
+    "conv_block": ({"inputs": [_x("x", ["B", 64, 32, 32])], "nodes": [
+        {"id": "c1", "op": "conv2d", "inputs": ["x"],
+         "attrs": {"out_channels": 64, "kernel_size": 3, "padding": 1}},
+        {"id": "r1", "op": "relu", "inputs": ["c1"]},
+        {"id": "c2", "op": "conv2d", "inputs": ["r1"],
+         "attrs": {"out_channels": 64, "kernel_size": 3, "padding": 1}},
+        {"id": "s", "op": "add", "inputs": ["x", "c2"]},
+        {"id": "out", "op": "relu", "inputs": ["s"]}], "outputs": ["out"]}, {"B": 64}),
+    "elementwise_chain": ({"inputs": [_x("x", ["B", 1024]), _x("y", ["B", 1024])], "nodes": [
+        {"id": "s", "op": "sigmoid", "inputs": ["y"]},
+        {"id": "m", "op": "mul", "inputs": ["x", "s"]},
+        {"id": "g", "op": "gelu", "inputs": ["m"]},
+        {"id": "t", "op": "tanh", "inputs": ["g"]},
+        {"id": "a", "op": "add", "inputs": ["t", "x"]},
+        {"id": "out", "op": "scale", "inputs": ["a"], "attrs": {"value": 0.5}}],
+        "outputs": ["out"]}, {"B": 65536}),
+    "norm_gated_linear": ({"inputs": [_x("x", ["B", 1024])], "nodes": [
+        {"id": "n", "op": "rms_norm", "inputs": ["x"], "attrs": {"normalized_shape": [1024]}},
+        _lin("a", "n", 2048), _lin("b", "n", 2048),
+        {"id": "sa", "op": "silu", "inputs": ["a"]},
+        {"id": "g", "op": "mul", "inputs": ["sa", "b"]},
+        _lin("o", "g", 1024), {"id": "out", "op": "add", "inputs": ["x", "o"]}],
+        "outputs": ["out"]}, {"B": 16384}),
+    "softmax_attention": ({"inputs": [_x("q", ["B", 256, 64]), _x("k", ["B", 256, 64]),
+                                      _x("v", ["B", 256, 64])], "nodes": [
+        {"id": "kt", "op": "permute", "inputs": ["k"], "attrs": {"dims": [0, 2, 1]}},
+        {"id": "s", "op": "matmul", "inputs": ["q", "kt"]},
+        {"id": "z", "op": "scale", "inputs": ["s"], "attrs": {"value": 0.125}},
+        {"id": "p", "op": "softmax", "inputs": ["z"], "attrs": {"dim": -1}},
+        {"id": "o", "op": "matmul", "inputs": ["p", "v"]}], "outputs": ["o"]}, {"B": 256}),
+}
+
+
+def case_ir(name: str) -> Any:
+    from esper.ir import BlueprintIR
+
+    bp, _ = CASES[name]
+    return BlueprintIR.from_dict({"schema_version": 1, "name": name, **bp})
+
+
+# --- build (CPU machine) ----------------------------------------------------------------
+
+
+def build(out: Path, triton_python: str | None) -> None:
+    from esper.artifacts import Artifact
+    from esper.artifacts.signing import generate_keypair, public_pem
+    from esper.compile.backend import CompileOptions
+    from esper.triton.backend import TritonBackend
+
+    out.mkdir(parents=True, exist_ok=True)
+    priv, pub = generate_keypair()
+    (out / "pub.pem").write_bytes(public_pem(pub))
+    backend = TritonBackend()
+    times: dict[str, Any] = {}
+    try:
+        from esper.ir import bundled
+
+        extra = dict(bundled())
+    except Exception:
+        extra = {}
+    for name in [*CASES, *(f"bundled_{n}" for n in extra)]:
+        for dtype in DTYPES:
+            ir = case_ir(name) if name in CASES else extra[name.removeprefix("bundled_")]
+            extra_opts = {"triton_python": triton_python} if triton_python else {}
+            start = time.perf_counter()
+            cf = backend.compile(ir, "cuda:sm_90",
+                                 CompileOptions(dtype=dtype, autotune=False, extra=extra_opts))
+            wall = time.perf_counter() - start
+            build_info = json.loads(cf.files["triton/build.json"])
+            art = Artifact.build(cache_key="0" * 64, blueprint_hash=ir.canonical_hash(),
+                                 target="cuda:sm_90", dtype=dtype, backend="triton",
+                                 versions={"triton": build_info["triton_version"]},
+                                 options=cf.options, files=cf.files)
+            (out / f"{name}-{dtype}.esper").write_bytes(art.pack(priv))
+            times[f"{name}-{dtype}"] = {"wall_s": wall, **cf.timings,
+                                        "triton": build_info["triton_version"],
+                                        "kernels": len(build_info["kernels"])}
+            print(f"{name:24s} {dtype:9s} compiled in {wall:5.2f} s "
+                  f"({len(build_info['kernels'])} kernels, triton {build_info['triton_version']})")
+    (out / "compile_times.json").write_text(json.dumps(times, indent=1))
+
+
+# --- run (GPU machine) ------------------------------------------------------------------
+
+
+class CompileCounter:
+    """Counts every ``triton.compile`` call (cache hits included) via Triton's listener."""
+
+    def __init__(self) -> None:
+        import triton
+
+        self.count = 0
+        self._knobs = triton.knobs.compilation
+        self._knobs.listener = self._on_compile
+
+    def _on_compile(self, **kw: Any) -> None:
+        self.count += 1
+
+
+def _bench(fn: Any, rep_ms: int = 300) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+
+
+def ceilings() -> dict[str, float]:
+    import torch
+
+    n = 1 << 28  # 1 GiB of fp32
+    a = torch.empty(n, device="cuda")
+    a.normal_()
+    b = torch.empty_like(a)
+    ms = _bench(lambda a=a, b=b: b.copy_(a))
+    out = {"copy_TBps": 2 * a.numel() * 4 / ms / 1e9}
+    for dt, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        m = 8192
+        x = torch.randn(m, m, device="cuda", dtype=dt)
+        y = torch.randn(m, m, device="cuda", dtype=dt)
+        ms = _bench(lambda x=x, y=y: x @ y)
+        out[f"matmul_{name}_TFLOPs"] = 2 * m**3 / ms / 1e9
+    return out
+
+
+def case_inputs(name: str, dtype: Any, device: str = "cuda") -> list[Any]:
+    import torch
+
+    ir = case_ir(name)
+    sym = CASES[name][1]
+    return [torch.randn([sym.get(d, d) if isinstance(d, str) else d for d in i.shape],
+                       device=device, dtype=dtype).requires_grad_(True) for i in ir.inputs]
+
+
+def _flops(name: str) -> float:
+    sym = CASES[name][1]
+    b = sym["B"]
+    if name == "residual_mlp":
+        return 6 * b * 512 * 2048 * 2
+    if name == "bottleneck_adapter":
+        return 6 * b * 768 * 64 * 2
+    if name == "norm_gated_linear":
+        return 6 * b * 1024 * 2048 * 3
+    if name == "conv_block":
+        return 6 * b * 32 * 32 * 64 * 64 * 9 * 2
+    if name == "softmax_attention":
+        return 6 * b * 256 * 256 * 64 * 2
+    return 0.0
+
+
+def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
+    import torch
+    import triton
+
+    from esper.artifacts import unpack_verified
+    from esper.artifacts.signing import load_public_key
+    from esper.compile.backend import CompileOptions
+    from esper.compile.reference import build_module
+    from esper.triton.backend import TritonBackend
+
+    torch.backends.cudnn.benchmark = True
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    info: dict[str, Any] = {"device": dev, "torch": torch.__version__,
+                            "triton": triton.__version__, "cases": {}}
+    info["ceilings"] = ceil = ceilings()
+    print(f"{dev}: copy {ceil['copy_TBps']:.2f} TB/s, bf16 mm {ceil['matmul_bf16_TFLOPs']:.0f} "
+          f"TFLOP/s, fp32 mm {ceil['matmul_fp32_TFLOPs']:.0f} TFLOP/s", flush=True)
+    pub = load_public_key(shipped / "pub.pem")
+    counter = CompileCounter()
+    names = only or list(CASES)
+    for name in names:
+        for dtype_name in DTYPES:
+            dtype = getattr(torch, dtype_name)
+            key = f"{name}-{dtype_name}"
+            row: dict[str, Any] = {}
+            packed = (shipped / f"{key}.esper").read_bytes()
+            before = counter.count
+            art = unpack_verified(packed, pub)
+            esper = TritonBackend().load(art.manifest, art.files)("cuda")
+            assert esper.backend_in_use == "triton", "shipped binaries not used"
+            ref = build_module(esper.ir, device="cuda", dtype=dtype)
+            ref.load_state_dict(esper.state_dict())
+            xs = case_inputs(name, dtype)
+            y = esper(*xs)
+            g = torch.randn_like(y)
+
+            def step(m: Any, xs: list[Any] = xs, g: Any = g) -> None:
+                for x in xs:
+                    x.grad = None
+                for p in m.parameters():
+                    p.grad = None
+                m(*xs).backward(g)
+
+            step(esper)
+            torch.cuda.synchronize()
+            row["esper_compiles"] = counter.count - before
+            # correctness vs eager (same params, same inputs)
+            ye = ref(*xs)
+            row["rel_err_vs_eager"] = float((y.float() - ye.float()).norm() / ye.float().norm())
+            row["eager_ms"] = _bench(lambda ref=ref: step(ref))
+            row["esper_ms"] = _bench(lambda esper=esper: step(esper))
+            try:
+                t0 = time.perf_counter()
+                comp = torch.compile(ref)
+                step(comp)
+                torch.cuda.synchronize()
+                row["compile_first_step_s"] = time.perf_counter() - t0
+                row["torch_compile_ms"] = _bench(lambda comp=comp: step(comp))
+            except Exception as exc:  # record, keep going
+                row["torch_compile_error"] = repr(exc)[:300]
+            if tune:
+                t0 = time.perf_counter()
+                be = TritonBackend(Path(tempfile.mkdtemp()))
+                major, minor = torch.cuda.get_device_capability()
+                cf = be.compile(case_ir(name), f"cuda:sm_{major}{minor}",
+                                CompileOptions(dtype=dtype_name, autotune=True))
+                tuned = be.load(art.manifest, cf.files)("cuda")
+                tuned.load_state_dict(esper.state_dict())
+                row["tune_s"] = time.perf_counter() - t0
+                row["esper_tuned_ms"] = _bench(lambda tuned=tuned: step(tuned))
+                plan = json.loads(cf.files["triton/plan.json"])
+                row["tuning"] = plan["meta"]["tuning"]
+            # unavoidable traffic: inputs read twice (fwd, bwd) and their grads written,
+            # params read twice and grads written, output written, its grad read
+            nbytes = (3 * sum(x.numel() for x in xs) + 3 * sum(p.numel() for p in ref.parameters())
+                      + 2 * y.numel()) * y.element_size()
+            flops = _flops(name)
+            rate = ceil["matmul_bf16_TFLOPs" if dtype_name == "bfloat16" else "matmul_fp32_TFLOPs"]
+            row["floor_ms"] = max(nbytes / ceil["copy_TBps"] / 1e9, flops / rate / 1e9)
+            row["min_bytes"], row["flops"] = nbytes, flops
+            best = min(row["esper_ms"], row.get("esper_tuned_ms", math.inf))
+            row["esper_best_ms"] = best
+            row["roofline_fraction"] = row["floor_ms"] / best
+            row["speedup_vs_eager"] = row["eager_ms"] / best
+            if "torch_compile_ms" in row:
+                row["speedup_vs_compile"] = row["torch_compile_ms"] / best
+            info["cases"][key] = row
+            print(f"{key:30s} eager {row['eager_ms']:7.3f}  compile "
+                  f"{row.get('torch_compile_ms', float('nan')):7.3f}  esper {row['esper_ms']:7.3f}"
+                  f"  tuned {row.get('esper_tuned_ms', float('nan')):7.3f}  floor "
+                  f"{row['floor_ms']:6.3f}  x{row['speedup_vs_eager']:.2f}  "
+                  f"compiles {row['esper_compiles']}  err {row['rel_err_vs_eager']:.1e}",
+                  flush=True)
+            (out / "results.json").write_text(json.dumps(info, indent=1))
+            torch.cuda.empty_cache()
+    info["hot_load"] = hot_load(shipped, pub)
+    (out / "results.json").write_text(json.dumps(info, indent=1))
+    summary(info)
+
+
+def hot_load(shipped: Path, pub: Any) -> dict[str, Any]:
+    """Artifact bytes on local disk -> first launch done, in a warm trainer process."""
+    import torch
+
+    from esper.artifacts import unpack_verified
+    from esper.triton.backend import TritonBackend
+
+    samples = []
+    paths = sorted(shipped.glob("*.esper"))
+    for rep in range(6):
+        for path in paths:
+            for mod in [m for m in sys.modules if m.startswith("esper_kernels_")]:
+                del sys.modules[mod]  # a fresh import of the kernel source each time
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            art = unpack_verified(path.read_bytes(), pub)
+            module = TritonBackend(Path(tempfile.mkdtemp())).load(art.manifest, art.files)("cuda")
+            xs = [torch.randn([2 if isinstance(d, str) else d for d in i.shape], device="cuda",
+                              dtype=module.compute_dtype) for i in module.ir.inputs]
+            module(*xs)
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) * 1e3
+            if rep > 0:  # rep 0 builds/loads Triton's per-signature launcher stubs
+                samples.append(dt)
+    samples.sort()
+    return {"n": len(samples), "p50_ms": statistics.median(samples),
+            "p99_ms": samples[min(len(samples) - 1, int(0.99 * len(samples)))],
+            "max_ms": samples[-1]}
+
+
+def summary(info: dict[str, Any]) -> None:
+    rows = info["cases"]
+    sp = [r["speedup_vs_eager"] for r in rows.values()]
+    spc = [r["speedup_vs_compile"] for r in rows.values() if "speedup_vs_compile" in r]
+    lines = [f"device: {info['device']}, torch {info['torch']}, triton {info['triton']}",
+             "| case | eager ms | torch.compile ms | Esper ms (shipped) | Esper tuned ms | "
+             "floor ms | x eager | x compile | roofline | compiles |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in rows.items():
+        lines.append(
+            f"| {k} | {r['eager_ms']:.3f} | {r.get('torch_compile_ms', float('nan')):.3f} | "
+            f"{r['esper_ms']:.3f} | {r.get('esper_tuned_ms', float('nan')):.3f} | "
+            f"{r['floor_ms']:.3f} | {r['speedup_vs_eager']:.2f} | "
+            f"{r.get('speedup_vs_compile', float('nan')):.2f} | {r['roofline_fraction']:.0%} | "
+            f"{r['esper_compiles']} |")
+    geo = math.exp(sum(map(math.log, sp)) / len(sp))
+    geoc = math.exp(sum(map(math.log, spc)) / len(spc)) if spc else float("nan")
+    lines.append(f"geomean x eager {geo:.2f}, x torch.compile {geoc:.2f}")
+    hl = info.get("hot_load")
+    if hl:
+        lines.append(f"hot load p50 {hl['p50_ms']:.1f} ms, p99 {hl['p99_ms']:.1f} ms "
+                     f"(n={hl['n']})")
+    text = "\n".join(lines)
+    print(text)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "results.md").write_text(text + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--triton-python")
+    r = sub.add_parser("run")
+    r.add_argument("--shipped", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--tune", action="store_true")
+    r.add_argument("--only", nargs="*")
+    args = ap.parse_args()
+    if args.cmd == "build":
+        build(args.out, args.triton_python)
+    else:
+        run(args.shipped, args.out, args.tune, args.only)
+
+
+if __name__ == "__main__":
+    main()

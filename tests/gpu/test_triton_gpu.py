@@ -1,0 +1,140 @@
+"""The Triton backend on a real GPU: real shapes, bf16 and fp32, forward and
+backward vs float64; artifacts compiled on the CPU machine for cuda:sm_90
+(``ESPER_TRITON_SHIPPED``: a folder of ``*.esper`` + ``pub.pem`` made by
+``benchmarks/bench_triton.py build``) launch with zero compiles; a Triton
+version mismatch serves the reference, recompiles in the background, switches."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from esper.compile.backend import CompileOptions
+from esper.compile.evaluate import evaluate
+from esper.ir import BlueprintIR, bundled
+from esper.triton.backend import TritonBackend
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # fp32 matmuls may use TF32 in cuBLAS
+
+WIDE = json.dumps({
+    "schema_version": 1, "name": "wide", "inputs": [
+        {"name": "x", "shape": ["B", 1000], "dtype": "float32"},
+        {"name": "y", "shape": ["B", 1000], "dtype": "float32"}],
+    "nodes": [
+        {"id": "n", "op": "layer_norm", "inputs": ["x"], "attrs": {"normalized_shape": [1000]}},
+        {"id": "h", "op": "linear", "inputs": ["n"], "attrs": {"out_features": 1000}},
+        {"id": "g", "op": "gelu", "inputs": ["h"]},
+        {"id": "s", "op": "softmax", "inputs": ["g"], "attrs": {"dim": -1}},
+        {"id": "m", "op": "mul", "inputs": ["s", "y"]},
+        {"id": "r", "op": "rms_norm", "inputs": ["m"], "attrs": {"normalized_shape": [1000]}},
+        {"id": "mx", "op": "max", "inputs": ["r"], "attrs": {"dim": [-1], "keepdim": True}},
+        {"id": "out", "op": "sub", "inputs": ["r", "mx"]}],
+    "outputs": ["out"]})
+
+
+def _target() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"cuda:sm_{major}{minor}"
+
+
+def _check(module: Any, rows: int, seed: int = 0) -> None:
+    dtype = module.compute_dtype
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    xs64 = [torch.randn([rows if isinstance(d, str) else d for d in i.shape], device="cuda",
+                        dtype=torch.float64, generator=g).requires_grad_(True)
+            for i in module.ir.inputs]
+    params64 = {k: p.detach().double().requires_grad_(True) for k, p in module.params.items()}
+    want = evaluate(module.ir, xs64, params64)
+    xs = [x.detach().to(dtype).requires_grad_(True) for x in xs64]
+    got = module(*xs)
+    got = got if isinstance(got, tuple) else (got,)
+    gouts = [torch.randn(w.shape, device="cuda", dtype=torch.float64, generator=g) for w in want]
+    torch.autograd.backward(list(want), gouts)
+    torch.autograd.backward(list(got), [t.to(dtype) for t in gouts])
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+
+    tol = TOL[dtype]
+    for o, w in zip(got, want, strict=True):
+        assert torch.isfinite(o).all() and rel(o, w) < tol, rel(o, w)
+    for x, x64 in zip(xs, xs64, strict=True):
+        assert rel(x.grad, x64.grad) < 2 * tol, rel(x.grad, x64.grad)
+    for k, p in module.params.items():
+        if params64[k].grad is not None:
+            assert rel(p.grad, params64[k].grad) < 2 * tol, (k, rel(p.grad, params64[k].grad))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bundled_and_wide_blueprints_at_real_shapes(dtype: str, tmp_path: Path) -> None:
+    irs = {"wide": BlueprintIR.from_json(WIDE), **bundled()}
+    backend = TritonBackend(tmp_path)
+    for name, ir in irs.items():
+        cf = backend.compile(ir, _target(), CompileOptions(dtype=dtype, autotune=False))
+        module = backend.load(SimpleNamespace(dtype=dtype), cf.files)("cuda")  # type: ignore[arg-type]
+        assert module.backend_in_use == "triton", name
+        rows = 64 if name.startswith("conv") else 8192
+        try:
+            _check(module, rows)
+        except AssertionError as exc:
+            raise AssertionError(f"{name} ({dtype}): {exc}") from exc
+
+
+def _shipped() -> Path:
+    folder = os.environ.get("ESPER_TRITON_SHIPPED")
+    if not folder:
+        pytest.skip("ESPER_TRITON_SHIPPED not set")
+    return Path(folder)
+
+
+def test_cpu_compiled_artifacts_launch_without_compiling() -> None:
+    import triton
+
+    from esper.artifacts import unpack_verified
+    from esper.artifacts.signing import load_public_key
+
+    folder = _shipped()
+    pub = load_public_key(folder / "pub.pem")
+    compiles: list[str] = []
+    triton.knobs.compilation.listener = lambda **kw: compiles.append(kw["src"].name)
+    try:
+        paths = sorted(folder.glob("*.esper"))
+        assert paths
+        for path in paths:
+            art = unpack_verified(path.read_bytes(), pub)
+            build = json.loads(art.files["triton/build.json"])
+            assert build["triton_version"] == triton.__version__
+            module = TritonBackend().load(art.manifest, art.files)("cuda")
+            assert module.backend_in_use == "triton"
+            rows = 8 if "conv" in path.name else 2048
+            _check(module, rows)
+        assert compiles == [], f"compiled at load/launch: {compiles}"
+    finally:
+        triton.knobs.compilation.listener = None
+
+
+def test_version_mismatch_serves_reference_then_switches(tmp_path: Path) -> None:
+    ir = BlueprintIR.from_json(WIDE)
+    backend = TritonBackend(tmp_path)
+    cf = backend.compile(ir, _target(), CompileOptions(dtype="float32", autotune=False))
+    files = dict(cf.files)
+    build = json.loads(files["triton/build.json"])
+    build["triton_version"] = "0.0.0-elsewhere"
+    files["triton/build.json"] = json.dumps(build).encode()
+    module = backend.load(SimpleNamespace(dtype="float32"), files)("cuda")  # type: ignore[arg-type]
+    assert module.backend_in_use == "reference"
+    _check(module, 256)  # served by the reference meanwhile, same parameters
+    deadline = time.monotonic() + 120
+    while module.backend_in_use != "triton" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert module.backend_in_use == "triton"
+    module.zero_grad(set_to_none=True)
+    _check(module, 256, seed=1)
