@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 Serial = tuple[object, ...]
 
-WORK_BUDGET = 400_000  # refinement key computations per labelling
+WORK_BUDGET = 200_000  # ~vertex visits per labelling (~0.25 s); then ties go by file order
 MAX_SEARCH_DEPTH = 200
 
 
@@ -52,8 +52,8 @@ class _Search:
         self.outputs = tuple(outputs)
         self.work = 0
         self.best: tuple[Serial, list[int]] | None = None
-        self.first: tuple[Serial, list[int]] | None = None
-        self.generators: list[list[int]] = []
+        self.first: tuple[Serial, list[int], tuple[int, ...]] | None = None
+        self.generators: list[dict[int, int]] = []
 
     # -- refinement on an ordered partition: colour = start of its cell ----------
 
@@ -108,41 +108,44 @@ class _Search:
         rows.append(tuple(pos[o] for o in self.outputs))
         return tuple(rows)
 
-    def _leaf(self, color: list[int]) -> None:
+    def _generator(self, ref: list[int], order: list[int]) -> None:
+        """Two leaves with equal serialisations give an automorphism (sparse: moved points)."""
+        self.generators.append({a: b for a, b in zip(ref, order, strict=True) if a != b})
+
+    def _leaf(self, color: list[int], path: tuple[int, ...]) -> int | None:
+        """Record a leaf. If it is equivalent to the first leaf, return the depth of the
+        first-path node to resume at: the rest of this subtree mirrors one already seen."""
+        self.work += self.v
         order = sorted(range(self.n_in, self.v), key=lambda x: (self.depth[x], color[x]))
         serial = self._serial(order)
-        for ref in (self.first, self.best):
-            if ref is not None and ref[0] == serial and ref[1] != order:
-                gen = list(range(self.v))
-                for a, b in zip(ref[1], order, strict=True):
-                    gen[a] = b
-                self.generators.append(gen)
+        jump = None
         if self.first is None:
-            self.first = (serial, order)
+            self.first = (serial, order, path)
+        elif serial == self.first[0]:
+            self._generator(self.first[1], order)
+            first_path = self.first[2]
+            jump = 0
+            while jump < min(len(path), len(first_path)) and path[jump] == first_path[jump]:
+                jump += 1
         if self.best is None or serial < self.best[0]:
             self.best = (serial, order)
+        elif serial == self.best[0] and self.best[1] is not self.first[1]:
+            self._generator(self.best[1], order)
+        return jump
 
-    def _orbit_roots(self, prefix: tuple[int, ...]) -> list[int]:
-        parent = list(range(self.v))
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for g in self.generators:
-            if all(g[p] == p for p in prefix):
-                for x in range(self.v):
-                    rx, ry = find(x), find(g[x])
-                    if rx != ry:
-                        parent[rx] = ry
-        return [find(x) for x in range(self.v)]
+    def _break_ties(self, color: list[int], cells: dict[int, list[int]]) -> list[int]:
+        """Past the budget: split every remaining cell by file position (not canonical)."""
+        color = color.copy()
+        for s, members in cells.items():
+            for k, x in enumerate(sorted(members)):
+                color[x] = s + k
+        return color
 
     # -- individualisation-refinement search ---------------------------------------
 
     def _individualise(self, color: list[int], cells: dict[int, list[int]], x: int
                        ) -> tuple[list[int], dict[int, list[int]]]:
+        self.work += self.v
         s = color[x]
         color2 = color.copy()
         cells2 = dict(cells)
@@ -158,28 +161,42 @@ class _Search:
         return color2, cells2
 
     def search(self, color: list[int], cells: dict[int, list[int]],
-               prefix: tuple[int, ...]) -> None:
+               prefix: tuple[int, ...]) -> int | None:
+        """Explore below one search node; returns a depth to jump back to, or None."""
         open_cells = [s for s, m in cells.items() if len(m) > 1]
         if not open_cells:
-            self._leaf(color)
-            return
-        s = min(open_cells)
+            return self._leaf(color, prefix)
         if self.work > WORK_BUDGET or len(prefix) >= MAX_SEARCH_DEPTH:
-            # Over budget: follow one path, ties broken by file position.
-            while open_cells:
-                color, cells = self._individualise(color, cells, min(cells[min(open_cells)]))
-                open_cells = [s for s, m in cells.items() if len(m) > 1]
-            self._leaf(color)
-            return
+            self._leaf(self._break_ties(color, cells), prefix)
+            return None
+        parent: dict[int, int] = {}
+
+        def find(x: int) -> int:
+            while parent.get(x, x) != x:
+                x = parent[x]
+            return x
+
+        absorbed = 0
         explored: list[int] = []
-        for x in sorted(cells[s]):
-            if explored:
-                roots = self._orbit_roots(prefix)
-                if any(roots[x] == roots[e] for e in explored):
-                    continue
+        for x in sorted(cells[min(open_cells)]):
+            # Automorphisms fixing this node's prefix map its children onto each other.
+            for g in self.generators[absorbed:]:
+                if all(g.get(p, p) == p for p in prefix):
+                    for a, b in g.items():
+                        ra, rb = find(a), find(b)
+                        if ra != rb:
+                            parent[ra] = rb
+            absorbed = len(self.generators)
+            if explored and find(x) in {find(e) for e in explored}:
+                continue
+            if explored and self.work > WORK_BUDGET:
+                return None
             explored.append(x)
             c2, k2 = self._individualise(color, cells, x)
-            self.search(c2, k2, (*prefix, x))
+            jump = self.search(c2, k2, (*prefix, x))
+            if jump is not None and jump < len(prefix):
+                return jump
+        return None
 
 
 def canonical_order(n_in: int, *, labels: Sequence[int], commutative: Sequence[bool],
