@@ -174,6 +174,7 @@ def load_checkpoint(
         torch.cuda.set_rng_state_all(cuda_rng)
 
     kasmina.step = int(meta["step"])
+    kasmina.recount()
     for name, layer in kasmina.sites.items():
         layer.changed = False  # the device tensors came from the file, matching the mirror
         layer.refresh()

@@ -95,6 +95,12 @@ class SeedOptimizer:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._keys
 
+    def zero_grad(self) -> None:
+        """Drop every live seed's gradients (set to None)."""
+        for ps in self._keys.values():
+            for p in ps:
+                p.grad = None
+
     def step(self) -> None:
         if self.optimizer is not None and self.optimizer.param_groups:
             self.optimizer.step()

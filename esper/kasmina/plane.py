@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 S = SeedState
 SeedKey = tuple[str, int]
+_RESTING = (S.DORMANT, S.FOSSILIZED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,7 @@ class Kasmina(nn.Module):
         self._loader: KernelLoader | None = KernelLoader(self.config.loader_workers)
         self._loading: dict[SeedKey, Future[LoadedKernel]] = {}
         self._checked = False
+        self._live = 0  # seeds neither DORMANT nor FOSSILIZED: what a boundary must visit
         self.layers = nn.ModuleDict()
         self._by_name: dict[str, KasminaLayer] = {}
         for name, schema in sites.items():
@@ -141,10 +143,13 @@ class Kasmina(nn.Module):
         )
 
     def busy(self) -> bool:
-        """Anything for a boundary to do beyond the fast path."""
-        return bool(self._loading) or not self._offers.empty() or any(
-            slot.state not in (S.DORMANT, S.FOSSILIZED)
-            for layer in self._by_name.values()
+        """Anything for a boundary to do beyond the fast path (O(1))."""
+        return self._live > 0 or bool(self._loading) or not self._offers.empty()
+
+    def recount(self) -> None:
+        """Recompute the count of seeds a boundary must visit (after a restore)."""
+        self._live = sum(
+            slot.state not in _RESTING for layer in self._by_name.values()
             for slot in layer.state.slots
         )
 
@@ -184,8 +189,9 @@ class Kasmina(nn.Module):
         The closure must zero the host optimizer's grads, run forward and backward
         and return the loss, and be repeatable (it is re-run after a cull)."""
         self.bind_optimizer(optimizer)
-        self.zero_grad(set_to_none=True)
         running = self.running()
+        if running:
+            self.seed_optimizer.zero_grad()
         rng = _rng_state() if running else None
         loss = closure()
         if running:
@@ -196,7 +202,7 @@ class Kasmina(nn.Module):
                     break
                 # The host saw a culled seed's output: redo the step without it.
                 _set_rng_state(rng)
-                self.zero_grad(set_to_none=True)
+                self.seed_optimizer.zero_grad()
                 for layer in self._by_name.values():
                     layer.drop_records()
                 loss = closure()
@@ -273,7 +279,7 @@ class Kasmina(nn.Module):
         for layer in self._by_name.values():
             counting = False
             for k, slot in enumerate(layer.state.slots):
-                if slot.state in (S.DORMANT, S.FOSSILIZED):
+                if slot.state in _RESTING:
                     continue
                 slot.steps += 1
                 counting = True
@@ -370,6 +376,7 @@ class Kasmina(nn.Module):
             self.fossil_order.append(key)
             if self.host_optimizer is not None:
                 self.seed_optimizer.move_to(key, self.host_optimizer)
+        self._live += (to not in _RESTING) - (slot.state not in _RESTING)
         slot.state, slot.steps = to, 0
         layer.changed = True
         self.events.append(event)
