@@ -79,7 +79,8 @@ def _find_cycle(nodes: tuple[IRNode, ...], args: list[tuple[int, ...]], left: se
         j = next(a - n_in for a in args[j] if a - n_in in left)
     cycle = walk[seen[j] :]
     cycle.reverse()  # walked consumer -> operand; report in data-flow order
-    return cycle
+    k = cycle.index(min(cycle))  # start at the node earliest in the file
+    return cycle[k:] + cycle[:k]
 
 
 def _kahn(ir: BlueprintIR, args: list[tuple[int, ...]], n_in: int) -> list[int]:
