@@ -1,0 +1,387 @@
+"""The checks of one artifact, each a small function returning a CheckRecord
+with its figure and bound: integrity (which also yields the Subject the others
+use), forward and backward equivalence against the float64 evaluator,
+finiteness, determinism and graft safety. Device-only checks live in
+``device_checks``. Every check runs with uninitialised memory poisoned."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from esper.artifacts import digest_of, unpack_verified
+from esper.compile.dtypes import torch_dtype
+from esper.compile.ids import artifact_param_map
+from esper.compile.params import BlueprintModule
+from esper.compile.pipeline import load_artifact
+from esper.errors import ArtifactError, EsperError
+from esper.ir import BlueprintIR
+from esper.validate import report as r
+from esper.validate.policy import ValidationPolicy
+from esper.validate.protocol import ExpectedKernel
+from esper.validate.subject import (
+    Subject,
+    cotangents,
+    make_inputs,
+    poisoned,
+    randomize_parameters,
+    reference,
+    reference_params,
+    run,
+)
+from esper.validate.tolerances import compare, representable, tolerance
+
+T = torch.Tensor
+Check = Callable[[Subject], r.CheckRecord]
+
+_MANIFEST_FIELDS = ("cache_key", "blueprint_hash", "target", "dtype", "backend")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2e}" if math.isfinite(x) else str(x)
+
+
+# -- 1. integrity ---------------------------------------------------------------------
+
+
+def check_integrity(packed: bytes, public_key: Ed25519PublicKey, expected: ExpectedKernel,
+                    blueprint: dict[str, Any], *, device: torch.device,
+                    policy: ValidationPolicy, interpreted: bool = False,
+                    ) -> tuple[r.CheckRecord, Subject | None]:
+    """Signature and digests verify; the manifest is the kernel row's; the submitted
+    blueprint hashes to the manifest's blueprint hash; the artifact loads through
+    ``load_artifact`` (what trainers call) and its graph is the blueprint's."""
+    digest = digest_of(packed)
+    try:
+        manifest = unpack_verified(packed, public_key).manifest
+    except ArtifactError as exc:
+        return r.failed(r.INTEGRITY, f"artifact refused: {exc}", error=type(exc).__name__,
+                        digest=digest), None
+    problems = []
+    if expected.digest is not None and digest != expected.digest:
+        problems.append(f"digest {digest} is not the kernel's {expected.digest}")
+    for name in _MANIFEST_FIELDS:
+        have, want = getattr(manifest, name), getattr(expected, name)
+        if have != want:
+            problems.append(f"manifest {name} {have!r} differs from the kernel's {want!r}")
+    try:
+        ir = BlueprintIR.from_dict(blueprint)
+        if ir.canonical_hash() != manifest.blueprint_hash:
+            problems.append(f"the submitted blueprint hashes to {ir.canonical_hash()}, "
+                            f"the manifest names {manifest.blueprint_hash}")
+    except (EsperError, ValueError) as exc:
+        problems.append(f"the kernel's blueprint does not parse: {exc}")
+    if problems:
+        return r.failed(r.INTEGRITY, "; ".join(problems), digest=digest), None
+
+    t0 = time.perf_counter()
+    try:
+        factory = load_artifact(packed, public_key)
+        module = factory(device)
+    except Exception as exc:
+        return r.failed(r.INTEGRITY, f"artifact does not load: {type(exc).__name__}: {exc}",
+                        digest=digest), None
+    load_ms = (time.perf_counter() - t0) * 1000
+    if not isinstance(module, BlueprintModule):
+        return r.failed(r.INTEGRITY, f"the loader built a {type(module).__name__}, "
+                        "not a BlueprintModule", digest=digest), None
+    want_dtype = torch_dtype(manifest.dtype)
+    if module.compute_dtype != want_dtype:
+        return r.failed(r.INTEGRITY, f"module computes in {module.compute_dtype}, the "
+                        f"manifest says {manifest.dtype}", digest=digest), None
+    in_use = getattr(module, "backend_in_use", None)
+    if in_use == "reference":
+        return r.failed(r.INTEGRITY, "the module serves the reference implementation, not "
+                        "the artifact's kernels (Triton version or arch mismatch?)",
+                        digest=digest), None
+    try:
+        key_map = artifact_param_map(ir, module.ir)
+    except EsperError as exc:
+        return r.failed(r.INTEGRITY, f"the artifact's graph is not the blueprint's: {exc}",
+                        digest=digest), None
+    module.eval()
+    randomize_parameters(module, policy.seed)
+    batches = policy.interpret_batch_sizes if interpreted else policy.batch_sizes
+    tf32 = policy.allow_tf32 and device.type == "cuda"
+    subject = Subject(ir=ir, factory=factory, module=module, device=device,
+                      dtype_name=manifest.dtype, key_map=key_map, policy=policy,
+                      batch_sizes=batches, tol=tolerance(manifest.dtype, tf32=tf32),
+                      target=manifest.target, backend=manifest.backend)
+    return r.passed(r.INTEGRITY, "signature, digests and manifest verified; loaded by "
+                    "load_artifact", digest=digest, files=len(manifest.files),
+                    load_ms=round(load_ms, 3), backend_in_use=in_use), subject
+
+
+# -- 2./3. forward and backward equivalence ---------------------------------------------
+
+
+def _structure(got: tuple[T, ...], want: tuple[T, ...], s: Subject) -> list[str]:
+    if len(got) != len(want):
+        return [f"{len(got)} outputs, the blueprint has {len(want)}"]
+    out = []
+    for name, g, w in zip(s.ir.outputs, got, want, strict=True):
+        if tuple(g.shape) != tuple(w.shape):
+            out.append(f"output {name!r} has shape {tuple(g.shape)}, expected {tuple(w.shape)}")
+        expected = s.dtype if w.is_floating_point() else w.dtype
+        if g.dtype != expected:
+            out.append(f"output {name!r} is {g.dtype}, expected {expected}")
+    return out
+
+
+class _Worst:
+    """The largest error seen over several comparisons, and where."""
+
+    def __init__(self) -> None:
+        self.error = 0.0
+        self.where = ""
+        self.nonfinite = 0
+        self.per_batch: dict[str, float] = {}
+
+    def add(self, what: str, batch: int, got: T, want: T, s: Subject) -> None:
+        c = compare(got, want, s.dtype)
+        self.nonfinite += c.nonfinite
+        key = str(batch)
+        self.per_batch[key] = max(self.per_batch.get(key, 0.0), c.error)
+        if c.error > self.error or (not self.where and c.error == self.error):
+            self.error, self.where = c.error, f"{what} at batch {batch}"
+
+    def record(self, check: str, s: Subject, what: str) -> r.CheckRecord:
+        details: dict[str, Any] = {
+            "per_batch": {k: r.finite_or_none(v) for k, v in self.per_batch.items()},
+            "batch_sizes": list(s.batch_sizes), "worst": self.where}
+        if self.nonfinite:
+            return r.failed(check, f"{self.nonfinite} {what} element(s) are NaN/Inf where the "
+                            f"reference is finite (first: {self.where}); unwritten output "
+                            "memory reads as NaN here", bound=s.tol, **details)
+        msg = f"max rel err {_fmt(self.error)} ({self.where}), bound {_fmt(s.tol)}"
+        if self.error > s.tol:
+            return r.failed(check, msg, figure=self.error, bound=s.tol, **details)
+        return r.passed(check, msg, figure=self.error, bound=s.tol, **details)
+
+
+def check_forward(s: Subject) -> r.CheckRecord:
+    """Outputs vs float64 evaluation of the submitted IR at every batch size."""
+    worst = _Worst()
+    params = reference_params(s)
+    for k, batch in enumerate(s.batch_sizes):
+        xs = make_inputs(s, batch, seed=s.policy.seed * 7919 + k)
+        with poisoned(), torch.no_grad():
+            got = run(s.module, xs.module)
+        with torch.no_grad():
+            want = reference(s, xs.ref, params)
+        problems = _structure(got, want, s)
+        if problems:
+            return r.failed(r.FORWARD, f"batch {batch}: " + "; ".join(problems))
+        for name, g, w in zip(s.ir.outputs, got, want, strict=True):
+            worst.add(f"output {name!r}", batch, g, w, s)
+    return worst.record(r.FORWARD, s, "output")
+
+
+def _fwd_bwd(module: torch.nn.Module, s: Subject, xs_mod: list[T], cots: list[T],
+             ) -> tuple[T, ...]:
+    module.zero_grad(set_to_none=True)
+    outs = run(module, xs_mod)
+    pairs = [(o, c) for o, c in zip(outs, cots, strict=True) if o.requires_grad]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [c for _, c in pairs])
+    return outs
+
+
+def _grads(s: Subject, xs_mod: list[T], xs_ref: list[T], params64: dict[str, T],
+           ) -> list[tuple[str, T | None, T]]:
+    """(name, kernel grad, reference grad) for every leaf the reference differentiates."""
+    out: list[tuple[str, T | None, T]] = []
+    for spec, xm, xr in zip(s.ir.inputs, xs_mod, xs_ref, strict=True):
+        if xr.grad is not None:
+            out.append((f"input {spec.name!r}", xm.grad, xr.grad))
+    for ours, theirs in s.key_map.items():
+        ref = params64[ours].grad
+        if ref is not None:
+            out.append((f"parameter {ours!r}", s.module.params[theirs].grad, ref))
+    return out
+
+
+def check_backward(s: Subject) -> r.CheckRecord:
+    """Input and parameter gradients vs float64 autograd through the evaluator."""
+    worst = _Worst()
+    compared = 0
+    for k, batch in enumerate(s.batch_sizes):
+        xs = make_inputs(s, batch, seed=s.policy.seed * 7919 + 100 + k)
+        xs_mod, xs_ref = xs.leaves()
+        params64 = reference_params(s, requires_grad=True)
+        want = reference(s, xs_ref, params64)
+        cot_mod, cot_ref = cotangents(want, s, seed=s.policy.seed + 200 + k)
+        with poisoned():
+            _fwd_bwd(s.module, s, xs_mod, cot_mod)
+        diff = [(w, c) for w, c in zip(want, cot_ref, strict=True) if w.requires_grad]
+        if not diff:
+            return r.skipped(r.BACKWARD, "no output depends on an input or parameter")
+        torch.autograd.backward([w for w, _ in diff], [c for _, c in diff])
+        for what, got, ref in _grads(s, xs_mod, xs_ref, params64):
+            if got is None:
+                return r.failed(r.BACKWARD, f"{what} gets no gradient at batch {batch}; "
+                                "the reference's is nonzero" if bool(ref.any()) else
+                                f"{what} gets no gradient at batch {batch}")
+            worst.add(f"grad of {what}", batch, got, ref, s)
+            compared += 1
+    rec = worst.record(r.BACKWARD, s, "gradient")
+    return rec.model_copy(update={"details": {**rec.details, "gradients": compared}})
+
+
+# -- 4. finiteness and determinism -----------------------------------------------------
+
+
+def _nonfinite(got: T | None, representable_mask: T) -> int:
+    if got is None:
+        return 0
+    g = got.detach().cpu()
+    return int((~torch.isfinite(g) & representable_mask).sum())
+
+
+def check_finiteness(s: Subject) -> r.CheckRecord:
+    """No NaN/Inf in outputs or gradients, on normal and large-magnitude inputs,
+    wherever the float64 result fits the dtype and the eager reference backend
+    (same dtype, same parameters) is finite itself."""
+    eager = s.eager()
+    scale = s.policy.large_scale.get(s.dtype_name, 1e4)
+    counts: dict[str, int] = {}
+    first = ""
+    for label, mult in (("normal", 1.0), ("large", scale)):
+        xs = make_inputs(s, s.mid_batch, seed=s.policy.seed + 300, scale=mult)
+        with torch.no_grad():
+            want = reference(s, xs.ref, reference_params(s))
+        cot_mod, _ = cotangents(want, s, seed=s.policy.seed + 301)
+        xm, _ = xs.leaves()
+        xe, _ = xs.leaves()
+        with poisoned():
+            got = _fwd_bwd(s.module, s, xm, cot_mod)
+            ref_e = _fwd_bwd(eager, s, xe, cot_mod)
+        bad = 0
+        for name, g, e, w in zip(s.ir.outputs, got, ref_e, want, strict=True):
+            ok = representable(w, s.dtype) & torch.isfinite(e.detach().cpu())
+            n = _nonfinite(g, ok)
+            if n and not first:
+                first = f"output {name!r} on {label} inputs"
+            bad += n
+        for spec, a, b in zip(s.ir.inputs, xm, xe, strict=True):
+            if b.grad is not None:
+                n = _nonfinite(a.grad, torch.isfinite(b.grad.detach().cpu()))
+                if n and not first:
+                    first = f"grad of input {spec.name!r} on {label} inputs"
+                bad += n
+        for key, p in s.module.params.items():
+            pe = eager.params[key].grad
+            if pe is not None:
+                n = _nonfinite(p.grad, torch.isfinite(pe.detach().cpu()))
+                if n and not first:
+                    first = f"grad of parameter {key!r} on {label} inputs"
+                bad += n
+        counts[label] = bad
+    total = sum(counts.values())
+    details = {"nonfinite": counts, "large_scale": scale, "batch": s.mid_batch}
+    if total:
+        return r.failed(r.FINITENESS, f"{total} NaN/Inf element(s) where the reference is "
+                        f"finite (first: {first})", figure=total, bound=0, **details)
+    return r.passed(r.FINITENESS, f"finite on normal inputs and inputs x{scale:g}",
+                    figure=0, bound=0, **details)
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _differing(a: T | None, b: T | None) -> int:
+    if a is None or b is None:
+        return 0 if a is None and b is None else max(
+            t.numel() for t in (a, b) if t is not None)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return max(a.numel(), b.numel())
+    if a.is_floating_point():
+        bits = _BITS[a.element_size()]
+        return int((a.detach().view(bits) != b.detach().view(bits)).sum())
+    return int((a != b).sum())
+
+
+def check_determinism(s: Subject) -> r.CheckRecord:
+    """The same inputs twice (forward and backward) give the same bits."""
+    xs = make_inputs(s, s.mid_batch, seed=s.policy.seed + 400)
+    with torch.no_grad():
+        want = reference(s, xs.ref, reference_params(s))
+    cot_mod, _ = cotangents(want, s, seed=s.policy.seed + 401)
+
+    def once() -> list[T | None]:
+        xm, _ = xs.leaves()
+        with poisoned():
+            outs = _fwd_bwd(s.module, s, xm, cot_mod)
+        grads = [x.grad for x in xm] + [p.grad for p in s.module.params.values()]
+        return [o.detach().clone() for o in outs] + [
+            None if g is None else g.detach().clone() for g in grads]
+
+    a, b = once(), once()
+    diff = sum(_differing(x, y) for x, y in zip(a, b, strict=True))
+    bound = s.policy.determinism_bound
+    msg = f"{diff} element(s) differ between two identical runs (outputs and gradients)"
+    if diff > bound:
+        return r.failed(r.DETERMINISM, msg, figure=diff, bound=bound, batch=s.mid_batch)
+    return r.passed(r.DETERMINISM, msg, figure=diff, bound=bound, batch=s.mid_batch)
+
+
+# -- 5. graft safety --------------------------------------------------------------------
+
+
+def check_graft_safety(s: Subject) -> r.CheckRecord:
+    """With the declared init (a fresh module from the artifact) the seed leaves the
+    host unchanged. Residual kernels (one output shaped like the first input, as
+    Kasmina's default ``kernel_output="residual"`` expects): max |out - x| <= bound,
+    i.e. the seed's delta is 0. Any other kernel is read as a delta kernel
+    (``kernel_output="delta"``): every output max |out| <= bound."""
+    fresh = s.factory(s.device).eval()
+    xs = make_inputs(s, s.mid_batch, seed=s.policy.seed + 500)
+    with poisoned(), torch.no_grad():
+        outs = run(fresh, xs.module)
+    bound = s.policy.graft_bound
+    host = xs.module[0]
+    residual: float | None = None
+    if len(outs) == 1 and outs[0].shape == host.shape and host.is_floating_point():
+        change = (outs[0].double() - host.double()).abs()
+        residual = float(change.max()) if change.numel() else 0.0
+        residual = math.inf if math.isnan(residual) else residual
+    delta = 0.0
+    for o in outs:
+        if o.is_floating_point() and o.numel():
+            m = float(o.double().abs().max())
+            delta = max(delta, math.inf if math.isnan(m) else m)
+    enforce = s.policy.graft == "require"
+    details: dict[str, Any] = {"residual_change": r.finite_or_none(residual),
+                               "delta_max": r.finite_or_none(delta), "enforced": enforce}
+    host_name = s.ir.inputs[0].name
+    if residual is not None and residual <= bound:
+        return r.passed(r.GRAFT_SAFETY, f"residual: output equals host input {host_name!r} at "
+                        f"the declared init (max change {_fmt(residual)})", figure=residual,
+                        bound=bound, mode="residual", **details)
+    if delta <= bound:
+        return r.passed(r.GRAFT_SAFETY, f"delta: every output is zero at the declared init "
+                        f"(max {_fmt(delta)})", figure=delta, bound=bound, mode="delta",
+                        **details)
+    figure = delta if residual is None else min(residual, delta)
+    shape = "" if residual is None else (
+        f"differs from host input {host_name!r} by up to {_fmt(residual)} and ")
+    msg = (f"at the declared init the output {shape}is nonzero up to {_fmt(delta)}: "
+           "grafting it would change the host")
+    if not enforce:
+        return r.passed(r.GRAFT_SAFETY, f"not enforced: {msg}", figure=figure, bound=bound,
+                        mode="none", **details)
+    return r.failed(r.GRAFT_SAFETY, msg, figure=figure, bound=bound, mode="none", **details)
+
+
+NUMERIC_CHECKS: tuple[tuple[str, Check], ...] = (
+    (r.FORWARD, check_forward),
+    (r.BACKWARD, check_backward),
+    (r.FINITENESS, check_finiteness),
+    (r.DETERMINISM, check_determinism),
+    (r.GRAFT_SAFETY, check_graft_safety),
+)

@@ -1,0 +1,87 @@
+"""How close a kernel must come to the float64 ground truth, per dtype, and the
+one error measure every numeric check uses.
+
+The measure: for a tensor ``got`` and its float64 reference ``ref``,
+
+    err = max_i |got_i - ref_i| / (|ref_i| + rms(ref))
+
+a relative error per element, with the tensor's RMS as a floor so elements near
+zero are judged against the tensor's scale. Unlike a norm ratio it cannot hide
+one wrong element in a large tensor; unlike a plain elementwise ratio it does
+not blow up where the reference crosses zero. Elements where the reference is
+not finite, or beyond the dtype's range, are left out; a non-finite result
+where the reference is finite makes the error infinite."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Relative error bounds by dtype (issue 6). "tf32" applies to float32 kernels
+# on a device where matmuls may run in TF32 (policy ``allow_tf32``).
+REL_TOLERANCE: dict[str, float] = {
+    "float32": 1e-4,
+    "tf32": 2e-3,
+    "float16": 2e-3,
+    "bfloat16": 2e-2,
+}
+
+# Graft safety: at the declared init a seed changes the host by at most this
+# (max abs; zero-initialised projections make the change exactly 0 in any dtype).
+GRAFT_BOUND = 1e-6
+
+# A guard against 0/0 for an all-zero reference; any error then counts in full.
+_FLOOR = 1e-30
+
+
+def tolerance(dtype: str, *, tf32: bool = False) -> float:
+    """The relative error bound for a kernel computing in ``dtype``."""
+    if dtype == "float32" and tf32:
+        return REL_TOLERANCE["tf32"]
+    try:
+        return REL_TOLERANCE[dtype]
+    except KeyError:
+        raise ValueError(
+            f"no tolerance for dtype {dtype!r} (one of {sorted(REL_TOLERANCE)})"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """The outcome of comparing one tensor with its reference."""
+
+    error: float  # the measure above; inf when a value is non-finite where ref is finite
+    nonfinite: int  # elements non-finite in ``got`` where the reference is finite
+    compared: int  # elements compared (reference finite and representable)
+
+    @property
+    def finite(self) -> bool:
+        return self.nonfinite == 0 and math.isfinite(self.error)
+
+
+def representable(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mask of reference elements a ``dtype`` result could hold: finite and in range."""
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    return torch.isfinite(ref) & (ref.abs() <= limit)
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Comparison:
+    """``got`` (any device, any dtype) against ``ref`` (float64, CPU)."""
+    got64 = got.detach().to(device="cpu", dtype=torch.float64)
+    ref64 = ref.detach().to(device="cpu", dtype=torch.float64)
+    if got64.shape != ref64.shape:
+        raise ValueError(f"shape {tuple(got64.shape)} differs from the reference's "
+                         f"{tuple(ref64.shape)}")
+    mask = representable(ref64, dtype)
+    compared = int(mask.sum())
+    if compared == 0:
+        return Comparison(error=0.0, nonfinite=0, compared=0)
+    g, r = got64[mask], ref64[mask]
+    bad = int((~torch.isfinite(g)).sum())
+    if bad:
+        return Comparison(error=math.inf, nonfinite=bad, compared=compared)
+    rms = float(r.square().mean().sqrt())
+    err = float(((g - r).abs() / (r.abs() + max(rms, _FLOOR))).max())
+    return Comparison(error=err, nonfinite=0, compared=compared)
