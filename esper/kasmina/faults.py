@@ -36,14 +36,27 @@ class FaultLog:
 
     found: dict[int, str] = field(default_factory=dict)
     """Faults known on the host already (exceptions, CPU latency): seed → reason."""
-    flags: list[tuple[list[list[int]], torch.Tensor, str]] = field(default_factory=list)
-    """Device bool flags ``ok[i]`` each vouching for the seeds ``owners[i]``:
-    (owners, ok, what failed)."""
+    _flags: dict[tuple[tuple[tuple[int, ...], ...], str], torch.Tensor] = field(
+        default_factory=dict
+    )
     timings: list[tuple[list[int], torch.cuda.Event, torch.cuda.Event]] = field(
         default_factory=list
     )
     blended_fault: bool = False
     """A fault touched a group whose output the host saw this step (rerun needed)."""
+
+    def flag(self, owners: list[list[int]], ok: torch.Tensor, what: str) -> None:
+        """Keep device flag ``ok[i]`` vouching for seeds ``owners[i]``. Repeated
+        forwards (accumulation, evaluation) AND into one tensor: memory stays
+        bounded however many forwards a step holds."""
+        key = (tuple(tuple(o) for o in owners), what)
+        prev = self._flags.get(key)
+        self._flags[key] = ok if prev is None else prev & ok
+
+    @property
+    def flags(self) -> list[tuple[list[list[int]], torch.Tensor, str]]:
+        """(owners, ok, what failed) for every flag of the step."""
+        return [([list(o) for o in own], ok, what) for (own, what), ok in self._flags.items()]
 
     def add(self, seeds: list[int], reason: str) -> None:
         for s in seeds:
@@ -51,7 +64,7 @@ class FaultLog:
 
     def clear(self) -> None:
         self.found.clear()
-        self.flags.clear()
+        self._flags.clear()
         self.timings.clear()
         self.blended_fault = False
 

@@ -215,7 +215,7 @@ class KasminaLayer(nn.Module):
         if out is None:
             return
         delta = self._delta(out, x)
-        self.faults.flags.append(([[s] for s in group.seeds], all_finite_rows(delta), "output"))
+        self.faults.flag([[s] for s in group.seeds], all_finite_rows(delta), "output")
         self._records.append(_TrainRecord(group, x, delta, catcher))
 
     def _run_blended(
@@ -228,7 +228,7 @@ class KasminaLayer(nn.Module):
         def branch(x: torch.Tensor) -> torch.Tensor:
             delta = self._delta(group.run(x), x)
             ok = all_finite_rows(delta)
-            self.faults.flags.append(([[s] for s in group.seeds], ok, "output"))
+            self.faults.flag([[s] for s in group.seeds], ok, "output")
             return torch.where(ok.view(shape), delta, 0.0)
 
         def report(ok: torch.Tensor | None, exc: BaseException | None) -> None:
@@ -236,7 +236,7 @@ class KasminaLayer(nn.Module):
                 self.faults.add(group.seeds, f"backward raised {type(exc).__name__}: {exc}")
                 self._plan_dirty = True
             elif ok is not None:
-                self.faults.flags.append(([list(group.seeds)], ok.view(1), "input gradient"))
+                self.faults.flag([list(group.seeds)], ok.view(1), "input gradient")
 
         if grad_on and (h.requires_grad or group.params):
 

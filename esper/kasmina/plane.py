@@ -247,7 +247,8 @@ class Kasmina(nn.Module):
         budget = self.config.max_seed_latency_s
         for layer in self._by_name.values():
             for seeds, start, end in layer.faults.timings:
-                elapsed = start.elapsed_time(end) / 1e3  # events done: we just synced
+                end.synchronize()  # done already when the flags were read
+                elapsed = start.elapsed_time(end) / 1e3
                 if budget is not None and elapsed > budget:
                     layer.faults.add(
                         seeds, f"latency {elapsed * 1e3:.1f} ms over budget {budget * 1e3:.1f} ms"
@@ -339,7 +340,12 @@ class Kasmina(nn.Module):
             self._move(layer, seed, S.CULLED, step, f"load failed: {type(exc).__name__}: {exc}")
             return
         if loaded.ready is not None:
-            torch.cuda.current_stream().wait_event(loaded.ready)
+            # Built on the loader's stream: order the training stream after it, and
+            # tell the allocator the training stream uses these tensors from now on.
+            stream = torch.cuda.current_stream()
+            stream.wait_event(loaded.ready)
+            for t in (*loaded.module.parameters(), *loaded.module.buffers()):
+                t.record_stream(stream)
         self._install(layer, seed, loaded.module)
         self._move(layer, seed, S.TRAINING, step, "kernel loaded")
 
