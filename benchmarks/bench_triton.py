@@ -363,6 +363,59 @@ def summary(info: dict[str, Any]) -> None:
         Path(out, "results.md").write_text(text + "\n")
 
 
+def profile(shipped: Path, out: Path, cases: list[str]) -> None:
+    """Where a step's time goes: CPU enqueue time per step and the GPU kernel table."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    from esper.artifacts import unpack_verified
+    from esper.artifacts.signing import load_public_key
+    from esper.compile.reference import build_module
+    from esper.triton.backend import TritonBackend
+
+    pub = load_public_key(shipped / "pub.pem")
+    lines = []
+    for key in cases:
+        name, dtype_name = key.rsplit("-", 1)
+        dtype = getattr(torch, dtype_name)
+        art = unpack_verified((shipped / f"{key}.esper").read_bytes(), pub)
+        esper = TritonBackend().load(art.manifest, art.files)("cuda")
+        ref = build_module(esper.ir, device="cuda", dtype=dtype)
+        ref.load_state_dict(esper.state_dict())
+        xs = case_inputs(name, dtype)
+        g = torch.randn_like(esper(*xs))
+
+        def step(m: Any, xs: list[Any] = xs, g: Any = g) -> None:
+            for x in xs:
+                x.grad = None
+            for p in m.parameters():
+                p.grad = None
+            m(*xs).backward(g)
+
+        for label, m in (("eager", ref), ("esper", esper)):
+            for _ in range(10):
+                step(m)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                step(m)
+            cpu = (time.perf_counter() - t0) / 20 * 1e3
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / 20 * 1e3
+            with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step(m)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+            lines.append(f"== {key} {label}: cpu enqueue {cpu:.3f} ms/step, "
+                         f"wall {wall:.3f} ms/step")
+            lines.append(table)
+    text = "\n".join(lines)
+    print(text)
+    (out / "profile.txt").write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -374,9 +427,15 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--tune", action="store_true")
     r.add_argument("--only", nargs="*")
+    pr = sub.add_parser("profile")
+    pr.add_argument("--shipped", type=Path, required=True)
+    pr.add_argument("--out", type=Path, required=True)
+    pr.add_argument("cases", nargs="+")
     args = ap.parse_args()
     if args.cmd == "build":
         build(args.out, args.triton_python)
+    elif args.cmd == "profile":
+        profile(args.shipped, args.out, args.cases)
     else:
         run(args.shipped, args.out, args.tune, args.only)
 

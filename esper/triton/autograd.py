@@ -20,8 +20,12 @@ class FusedGroupFunction(torch.autograd.Function):
         ctx.runner, ctx.symbols = runner, symbols
         ctx.save_for_backward(*inputs)
         outs = runner.forward(inputs, symbols)
-        # an aliased output is an input: autograd needs a distinct tensor object
-        return tuple(o.view_as(o) if any(o is i for i in inputs) else o for o in outs)
+        # an aliased output (an input, or another output) must be a distinct tensor object
+        res: list[torch.Tensor] = []
+        for o in outs:
+            same = any(o is i for i in inputs) or any(o is r for r in res)
+            res.append(o.view_as(o) if same else o)
+        return tuple(res)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

@@ -32,23 +32,29 @@ class JitLauncher:
                          num_stages=cfg.num_stages)
 
 
-def aliases(prog: TileProgram) -> dict[int, int]:
-    """Outputs that are plain copies of an input of the same kind: output index ->
-    input index. They are returned as the input tensor instead of being stored."""
-    out = {}
+def aliases(prog: TileProgram) -> dict[int, tuple[str, int]]:
+    """Outputs the kernel need not store: output index -> ("in", input index) when
+    the output is a plain copy of an input of the same kind (a residual add's
+    grad is the incoming grad), or ("out", earlier output index) when two outputs
+    are the same value (``x + x``'s operands, ``relu(x + y)``'s two grads)."""
+    out: dict[int, tuple[str, int]] = {}
+    first: dict[int, int] = {}
     for j, (_, vid) in enumerate(prog.outputs):
         v = prog.vals[vid]
         if v.op == "load" and prog.inputs[v.attr][1] == v.kind and v.kind in ("full", "row"):
-            out[j] = v.attr
+            out[j] = ("in", v.attr)
+        elif vid in first:
+            out[j] = ("out", first[vid])
+        else:
+            first[vid] = j
     return out
 
 
 def stored(prog: TileProgram) -> TileProgram:
     """``prog`` without its aliased outputs: what the kernel actually computes."""
     skip = aliases(prog)
-    kept = TileProgram(vals=list(prog.vals), inputs=list(prog.inputs),
+    return TileProgram(vals=list(prog.vals), inputs=list(prog.inputs),
                        outputs=[o for j, o in enumerate(prog.outputs) if j not in skip])
-    return kept
 
 
 def _grid(rows: int, cfg: KernelConfig, looping: bool) -> int:
@@ -117,8 +123,9 @@ class GroupRunner:
         outs: list[torch.Tensor] = []
         kernel_outs: list[torch.Tensor] = []
         for j in range(len(self.step.outputs)):
-            if j in self.fwd_alias:
-                outs.append(tensors[self.fwd_alias[j]])
+            alias = self.fwd_alias.get(j)
+            if alias is not None:
+                outs.append(tensors[alias[1]] if alias[0] == "in" else outs[alias[1]])
                 continue
             t = torch.empty(self._out_shape(j, lead, symbols), dtype=self.dtype,
                             device=ins[0].device)
@@ -151,8 +158,9 @@ class GroupRunner:
         kernel_outs: list[torch.Tensor] = []
         partial: list[int] = []
         for j, (_, vid) in enumerate(bwd.outputs):
-            if j in self.bwd_alias:
-                results.append(bwd_inputs[self.bwd_alias[j]])
+            alias = self.bwd_alias.get(j)
+            if alias is not None:
+                results.append(bwd_inputs[alias[1]] if alias[0] == "in" else results[alias[1]])
                 continue
             kind = bwd.kind(vid)
             if kind in ("full", "row"):
@@ -166,4 +174,7 @@ class GroupRunner:
         self.bwd.launch(grid, [*bwd_inputs, *kernel_outs, rows], cfg)
         for j in partial:
             results[j] = results[j].sum(0).to(saved[j].dtype).reshape(saved[j].shape)
+            for k, alias in self.bwd_alias.items():  # an output aliasing a partial sum
+                if alias == ("out", j):
+                    results[k] = results[j]
         return results

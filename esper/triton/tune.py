@@ -97,5 +97,9 @@ def autotune(plan: Plan, bench: Callable[[FusedStep, str, KernelConfig | None], 
         g.measured = {"triton_ms": triton_ms, "torch_ms": torch_ms}
         if torch_ms < triton_ms:
             g.impl = "torch"
-        report[g.name] = {"impl": g.impl, **g.measured}
+        report[g.name] = {"impl": g.impl, **g.measured,
+                          "fwd_cfg": [g.fwd_cfg.block_r, g.fwd_cfg.num_warps, g.fwd_cfg.grid_cap]
+                          if g.fwd_cfg else None,
+                          "bwd_cfg": [g.bwd_cfg.block_r, g.bwd_cfg.num_warps, g.bwd_cfg.grid_cap]
+                          if g.bwd_cfg else None}
     return report

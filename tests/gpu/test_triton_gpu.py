@@ -45,7 +45,23 @@ def _target() -> str:
     return f"cuda:sm_{major}{minor}"
 
 
+def _grads(module: Any, xs64: list[torch.Tensor], gouts: list[torch.Tensor]
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs, input grads and param grads of ``module`` in its own dtype."""
+    dtype = module.compute_dtype
+    xs = [x.detach().to(dtype).requires_grad_(True) for x in xs64]
+    module.zero_grad(set_to_none=True)
+    got = module(*xs)
+    got = list(got) if isinstance(got, tuple) else [got]
+    torch.autograd.backward(got, [t.to(dtype) for t in gouts])
+    return got, [x.grad for x in xs], {k: p.grad for k, p in module.params.items()}
+
+
 def _check(module: Any, rows: int, seed: int = 0) -> None:
+    """Esper vs float64, allowed the error of eager torch in the same dtype (x1.5)
+    or the dtype's tolerance, whichever is larger."""
+    from esper.compile.reference import build_module
+
     dtype = module.compute_dtype
     g = torch.Generator(device="cuda").manual_seed(seed)
     xs64 = [torch.randn([rows if isinstance(d, str) else d for d in i.shape], device="cuda",
@@ -53,24 +69,25 @@ def _check(module: Any, rows: int, seed: int = 0) -> None:
             for i in module.ir.inputs]
     params64 = {k: p.detach().double().requires_grad_(True) for k, p in module.params.items()}
     want = evaluate(module.ir, xs64, params64)
-    xs = [x.detach().to(dtype).requires_grad_(True) for x in xs64]
-    got = module(*xs)
-    got = got if isinstance(got, tuple) else (got,)
     gouts = [torch.randn(w.shape, device="cuda", dtype=torch.float64, generator=g) for w in want]
     torch.autograd.backward(list(want), gouts)
-    torch.autograd.backward(list(got), [t.to(dtype) for t in gouts])
+    eager = build_module(module.ir, device="cuda", dtype=dtype)
+    eager.load_state_dict(module.state_dict())
+    ours, theirs = _grads(module, xs64, gouts), _grads(eager, xs64, gouts)
+    ref = ([w.detach() for w in want], [x.grad for x in xs64],
+           {k: p.grad for k, p in params64.items()})
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
     tol = TOL[dtype]
-    for o, w in zip(got, want, strict=True):
-        assert torch.isfinite(o).all() and rel(o, w) < tol, rel(o, w)
-    for x, x64 in zip(xs, xs64, strict=True):
-        assert rel(x.grad, x64.grad) < 2 * tol, rel(x.grad, x64.grad)
-    for k, p in module.params.items():
-        if params64[k].grad is not None:
-            assert rel(p.grad, params64[k].grad) < 2 * tol, (k, rel(p.grad, params64[k].grad))
+    pairs = [*zip(ours[0], theirs[0], ref[0], strict=True),
+             *zip(ours[1], theirs[1], ref[1], strict=True),
+             *((ours[2][k], theirs[2][k], ref[2][k]) for k in ref[2] if ref[2][k] is not None)]
+    for o, e, r in pairs:
+        assert o is not None and torch.isfinite(o).all()
+        assert rel(o, r) <= max(tol, 1.5 * rel(e, r)), (rel(o, r), rel(e, r))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -58,6 +58,10 @@ HAND = {
         {"id": "r", "op": "relu", "inputs": ["y"]},
         {"id": "k", "op": "scale", "inputs": ["r"], "attrs": {"value": 0.5}}],
         ["sm", "k", "e"]),
+    "shared_grads": _ir([_x("x", ["B", 8]), _x("y", ["B", 8])], [
+        {"id": "s", "op": "add", "inputs": ["x", "y"]},
+        {"id": "r", "op": "relu", "inputs": ["s"]},
+        {"id": "d", "op": "add", "inputs": ["r", "r"]}], ["d", "s"]),
     "attention": _ir([_x("q", ["B", 8, 16]), _x("k", ["B", 8, 16]), _x("v", ["B", 8, 16])], [
         {"id": "kt", "op": "permute", "inputs": ["k"], "attrs": {"dims": [0, 2, 1]}},
         {"id": "s", "op": "matmul", "inputs": ["q", "kt"]},
