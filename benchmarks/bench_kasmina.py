@@ -116,9 +116,10 @@ def bench_dormant(args: argparse.Namespace, device: torch.device) -> dict[str, f
         kas_step()
         plain_step()
     plain_t, kas_t = [], []
-    for _ in range(args.rounds):
-        plain_t.append(_time(plain_step, device, args.reps))
-        kas_t.append(_time(kas_step, device, args.reps))
+    for r in range(args.rounds):  # alternate which goes first: no order bias
+        pair = [(plain_t, plain_step), (kas_t, kas_step)]
+        for times, fn in pair if r % 2 == 0 else pair[::-1]:
+            times.append(_time(fn, device, args.reps))
     p, k = statistics.median(plain_t), statistics.median(kas_t)
     kas.close()
     return {
@@ -171,6 +172,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
+    ap.add_argument("--commit", default="unknown", help="recorded where git is absent")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=10)
@@ -182,7 +184,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    ).stdout.strip() or args.commit
     print(f"device {device.type} ({name or platform.machine()}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, commit {commit}, {date.today()}")
     print(f"host: {args.sites} blocks of d={args.width} (MLP 4x), batch {args.batch}; "
