@@ -3,7 +3,7 @@ arity and attrs when built; graph-level checks live in ``graph``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Self
 
 from pydantic import Field, PlainValidator
@@ -68,6 +68,18 @@ class TensorSchema(_Revalidating):
 def schema(shape: Shape, dtype: DType) -> TensorSchema:
     """A TensorSchema from values the IR has already validated (no re-validation)."""
     return TensorSchema.model_construct(shape=shape, dtype=dtype)
+
+
+def schemas(pairs: Iterable[tuple[Shape, DType]]) -> tuple[TensorSchema, ...]:
+    """Schemas for validated (shape, dtype) pairs; equal pairs share one frozen object."""
+    memo: dict[tuple[Shape, DType], TensorSchema] = {}
+    out = []
+    for pair in pairs:
+        s = memo.get(pair)
+        if s is None:
+            s = memo[pair] = schema(*pair)
+        out.append(s)
+    return tuple(out)
 
 
 class IRInput(_Revalidating):

@@ -65,6 +65,30 @@ def test_residual_mlp_parses_and_infers_symbolic_shapes() -> None:
     assert b.inputs[0].schema == shapes["x"]
 
 
+def test_cached_queries_answer_the_same_twice() -> None:
+    b = BlueprintIR.from_dict(RESIDUAL)
+    for _ in range(2):
+        assert b.infer_shapes()["a"].shape == ("B", 256)
+        assert b.output_schemas()[0].shape == ("B", 64)
+        assert b.input_schemas()[0].shape == ("B", 64)
+        assert len(b.canonical_hash()) == 64 and b.canonical_json().startswith("{")
+        assert b.param_shapes()["h"]["weight"] == (256, 64)
+    shapes = b.infer_shapes()
+    shapes["x"] = shapes["h"]  # the caller's copy; the model is unaffected
+    assert b.infer_shapes()["x"].shape == ("B", 64)
+    assert b == BlueprintIR.from_dict(RESIDUAL)  # caches never affect equality
+
+
+def test_gc_is_restored_after_parsing() -> None:
+    import gc
+
+    assert gc.isenabled()
+    BlueprintIR.from_dict(RESIDUAL)
+    with pytest.raises(IRValidationError):
+        BlueprintIR.from_json("{")
+    assert gc.isenabled()
+
+
 def test_models_are_frozen_and_attrs_immutable() -> None:
     b = BlueprintIR.from_dict(RESIDUAL)
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error
