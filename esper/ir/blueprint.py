@@ -46,7 +46,7 @@ class BlueprintIR(_Revalidating):
     def model_post_init(self, context: Any, /) -> None:
         try:
             jsonio.dumps(self.metadata)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ir_error(f"metadata must be plain JSON: {exc}") from None
         self.__dict__["_an"] = analyse(self)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from esper.ir.types import RuleError
@@ -44,25 +44,26 @@ class FrozenDict(dict[str, Any]):
 EMPTY = FrozenDict()
 
 
-def freeze(value: Any, where: str = "value") -> Any:
+def freeze(value: Any, where: str = "") -> Any:
     """Return ``value`` as immutable JSON (lists → tuples, objects → FrozenDict).
 
-    Raises RuleError for anything that is not JSON: sets, NaN, non-string keys.
+    Raises RuleError for anything that is not JSON: sets, NaN, non-string keys;
+    ``where`` prefixes the message.
     """
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise RuleError(f"{where}: {value!r} is not a finite JSON number")
+            raise RuleError(f"{where}{value!r} is not a finite JSON number")
         return value
     if isinstance(value, (list, tuple)):
         return tuple(freeze(v, where) for v in value)
     if isinstance(value, Mapping):
         for key in value:
             if not isinstance(key, str):
-                raise RuleError(f"{where}: object key {key!r} is not a string")
+                raise RuleError(f"{where}object key {key!r} is not a string")
         return FrozenDict({k: freeze(v, where) for k, v in value.items()})
-    raise RuleError(f"{where}: {type(value).__name__} is not a JSON value")
+    raise RuleError(f"{where}{type(value).__name__} is not a JSON value")
 
 
 def thaw(value: Any) -> Any:
@@ -72,9 +73,3 @@ def thaw(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: thaw(value[k]) for k in sorted(value)}
     return value
-
-
-def iter_items(mapping: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    """Items in sorted key order (deterministic output)."""
-    for key in sorted(mapping):
-        yield key, mapping[key]

@@ -33,11 +33,11 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant)
 
 def loads(text: str | bytes | bytearray) -> Any:
     """Parse JSON text (bytes must be UTF-8), raising IRValidationError."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise ir_error(f"blueprint JSON must be str or bytes, got {type(text).__name__}")
     try:
-        if isinstance(text, (bytes, bytearray)):
-            text = bytes(text).decode("utf-8-sig")
         if not isinstance(text, str):
-            raise ir_error(f"blueprint JSON must be str or bytes, got {type(text).__name__}")
+            text = bytes(text).decode("utf-8-sig")
         return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise ir_error(

@@ -29,7 +29,7 @@ def _attrs(value: Any) -> FrozenDict:
     if not isinstance(value, Mapping):
         raise ValueError(f"attrs must be a JSON object, got {type(value).__name__}")
     try:
-        frozen = freeze(value, "attrs")
+        frozen = freeze(value)
     except RuleError as exc:
         raise ValueError(str(exc)) from None
     return frozen  # type: ignore[no-any-return]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from esper.errors import EsperError, IRValidationError
 from esper.ir import (
@@ -291,3 +293,52 @@ def test_errors_carry_node_id_and_op() -> None:
     with pytest.raises(IRValidationError) as info:
         BlueprintIR.from_dict(blueprint([lin("f", "x", out_features=0)], ["f"]))
     assert (info.value.node_id, info.value.op) == ("f", "linear")  # type: ignore[attr-defined]
+
+
+# --- fuzzing: whatever the document, only IRValidationError comes out ---------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False)
+    | st.text(max_size=6) | st.sampled_from(["x", "h", "a", "B", "linear", "same", "zeros"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=4),
+    max_leaves=8,
+)
+
+
+def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_fuzzed_documents_raise_only_ir_validation_error(data: st.DataObject) -> None:
+    doc = json.loads(json.dumps(RESIDUAL))
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(doc)))
+        if not path:
+            continue
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        if data.draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = data.draw(json_values)
+    try:
+        BlueprintIR.from_dict(doc)
+    except IRValidationError:
+        pass
+    text = json.dumps(doc)
+    cut = data.draw(st.integers(0, len(text)))
+    try:
+        BlueprintIR.from_json(text[:cut])
+    except IRValidationError:
+        pass
