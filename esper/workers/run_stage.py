@@ -39,15 +39,22 @@ async def serve_stage(
 ) -> None:
     """Build the stage's handler and worker and run it until stopped."""
     stage = get_stage(stage_name)
+    # URLs given here are the ones the handler must use too (the compile stage
+    # opens its own NATS link for the artifact store).
+    given = {k: v for k, v in (("nats_url", nats_url), ("database_url", database_url))
+             if isinstance(v, str)}
+    if given:
+        settings = settings.model_copy(update=given)
     if nats_url is None or database_url is None:
         endpoints = resolve_endpoints(settings)
         nats_url = nats_url or endpoints.nats_servers
         database_url = database_url or endpoints.database_url
+    handler = handler or stage.make_handler(settings)
     engine = create_engine(database_url, pool_size=(concurrency or stage.concurrency) + 2)
     try:
         worker = Worker(
             stage.name,
-            handler or stage.make_handler(settings),
+            handler,
             nats_url=nats_url,  # type: ignore[arg-type]
             session_factory=session_factory(engine),
             concurrency=concurrency or stage.concurrency,
@@ -58,6 +65,9 @@ async def serve_stage(
         )
         await worker.run()
     finally:
+        close = getattr(handler, "close", None)  # handlers holding connections offer one
+        if close is not None:
+            await close()
         await engine.dispose()
 
 

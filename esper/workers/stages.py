@@ -4,6 +4,7 @@ stage's entry (real compile, validate, deploy); the runtime stays as it is."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,12 +57,25 @@ def get_stage(name: str) -> Stage:
         raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
 
 
-register(
-    Stage(
-        "compile",
-        ev.BlueprintSubmitted,
-        lambda settings: passthrough.compile_handler(_targets(settings)),
-    )
-)
+def passthrough_requested(settings: Settings) -> bool:
+    """``ESPER_PASSTHROUGH=1``: the compile stage records kernels without compiling
+    (bus benchmarks, runtime tests). Read from the environment until Settings has
+    a ``passthrough`` field, then from it."""
+    value = getattr(settings, "passthrough", None)
+    if value is None:
+        value = os.environ.get("ESPER_PASSTHROUGH", "")
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
+def _compile_handler(settings: Settings) -> Handler:
+    if passthrough_requested(settings):
+        return passthrough.compile_handler(_targets(settings))
+    from esper.stages.compile import make_compile_handler  # loads torch: only when compiling
+
+    return make_compile_handler(settings)
+
+
+# batch=1: a compile holds its transaction (and claims) for seconds; one message each.
+register(Stage("compile", ev.BlueprintSubmitted, _compile_handler, concurrency=4, batch=1))
 register(Stage("validate", ev.KernelCompiled, lambda settings: passthrough.validate_handler()))
 register(Stage("deploy", ev.KernelValidated, lambda settings: passthrough.deploy_handler()))

@@ -80,6 +80,11 @@ async def running_worker(
 ) -> AsyncIterator[Worker]:
     """A worker running in this event loop; stopped (gracefully) on exit."""
     engine = create_engine(database_url)
+    if handler is None and stage == "compile":
+        # These tests exercise the bus, not the compiler (test_compile_stage does).
+        from esper.workers import passthrough
+
+        handler = passthrough.compile_handler()
     if handler is None:
         from esper.settings import Settings
 
@@ -121,7 +126,8 @@ def spawn_worker(
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``python -m esper.workers.run_stage STAGE`` with the fast policy."""
+    """``python -m esper.workers.run_stage STAGE`` with the fast policy; compile is
+    the pass-through unless ``env`` sets ``ESPER_PASSTHROUGH=0``."""
     args = [
         sys.executable, "-m", "esper.workers.run_stage", stage,
         "--nats-url", nats_url, "--database-url", database_url,
@@ -131,7 +137,7 @@ def spawn_worker(
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
         args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(REPO), "ESPER_PASSTHROUGH": "1", **(env or {})},
     )
 
 
