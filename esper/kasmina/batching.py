@@ -40,9 +40,9 @@ class SeedGroup:
         self.batched = batched and len(modules) > 1
         base = modules[0]
         self._base = base
-        named = [dict(m.named_parameters()) for m in modules]
+        named: list[dict[str, torch.Tensor]] = [dict(m.named_parameters()) for m in modules]
         self._param_lists = {n: [d[n] for d in named] for n in named[0]}
-        named_b = [dict(m.named_buffers()) for m in modules]
+        named_b: list[dict[str, torch.Tensor]] = [dict(m.named_buffers()) for m in modules]
         self._buffer_lists = {n: [d[n] for d in named_b] for n in named_b[0]}
         self.seed_params: list[list[torch.Tensor]] = [
             [p for p in m.parameters() if p.requires_grad] for m in modules

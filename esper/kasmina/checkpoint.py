@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -31,6 +31,9 @@ from esper.kasmina.optim import move_params
 from esper.kasmina.plane import Kasmina
 from esper.kasmina.schema import SiteSchema
 from esper.kasmina.state import SeedSlot
+
+if TYPE_CHECKING:
+    from esper.compile.params import BlueprintModule
 
 FORMAT = 1
 META_KEY = "esper.kasmina"
@@ -192,7 +195,7 @@ class _Lazy:
         self._factory_of = factory_of
         self._key = key
 
-    def __call__(self, device: torch.device) -> nn.Module:
+    def __call__(self, device: torch.device | str) -> BlueprintModule:
         return self._factory_of(self._key)(device)
 
 

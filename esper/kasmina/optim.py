@@ -5,11 +5,14 @@ is the most reported failure of growing networks (FIELD-NOTES)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
+
+SeedKey = tuple[str, int]
+"""(site name, seed slot)."""
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
 """Builds the seed optimizer from param groups, e.g. ``lambda g: Adam(g, lr=1e-3)``."""
@@ -56,9 +59,9 @@ class SeedOptimizer:
     def __init__(self, make: OptimizerFactory | None = None) -> None:
         self._make = make or default_seed_optimizer
         self.optimizer: Optimizer | None = None
-        self._keys: dict[Hashable, list[torch.Tensor]] = {}
+        self._keys: dict[SeedKey, list[torch.Tensor]] = {}
 
-    def add(self, key: Hashable, params: Iterable[torch.Tensor]) -> None:
+    def add(self, key: SeedKey, params: Iterable[torch.Tensor]) -> None:
         if key in self._keys:
             raise KeyError(f"seed {key} already has a param group")
         ps = [p for p in params if p.requires_grad]
@@ -70,7 +73,7 @@ class SeedOptimizer:
         else:
             self.optimizer.add_param_group({"params": ps})
 
-    def remove(self, key: Hashable) -> list[torch.Tensor]:
+    def remove(self, key: SeedKey) -> list[torch.Tensor]:
         """Drop the seed's group and its state; returns its params."""
         ps = self._keys.pop(key, [])
         if self.optimizer is not None and ps:
@@ -82,17 +85,17 @@ class SeedOptimizer:
                 self.optimizer.state.pop(p, None)
         return ps
 
-    def move_to(self, key: Hashable, dst: Optimizer, *, group: int = 0) -> None:
+    def move_to(self, key: SeedKey, dst: Optimizer, *, group: int = 0) -> None:
         """Hand the seed's params and state to ``dst`` (fossilization)."""
         ps = self._keys.pop(key, [])
         if ps:
             move_params(ps, self.optimizer, dst, group=group)
 
-    def in_order(self) -> list[Hashable]:
+    def in_order(self) -> list[SeedKey]:
         """Seeds in param-group order (what a checkpoint must rebuild)."""
         return list(self._keys)
 
-    def __contains__(self, key: Hashable) -> bool:
+    def __contains__(self, key: SeedKey) -> bool:
         return key in self._keys
 
     def zero_grad(self) -> None:

@@ -34,7 +34,13 @@ from torch.optim import Optimizer
 
 from esper.kasmina.config import KasminaConfig
 from esper.kasmina.faults import grads_finite
-from esper.kasmina.kernels import KernelLoader, KernelOffer, LoadedKernel, OfferQueue
+from esper.kasmina.kernels import (
+    KernelLoader,
+    KernelOffer,
+    LoadedKernel,
+    ModuleFactory,
+    OfferQueue,
+)
 from esper.kasmina.layer import KasminaLayer
 from esper.kasmina.lifecycle import (
     BLENDED_STATES,
@@ -45,13 +51,12 @@ from esper.kasmina.lifecycle import (
     check_transition,
 )
 from esper.kasmina.objective import GradientResidual, SeedObjective
-from esper.kasmina.optim import OptimizerFactory, SeedOptimizer
+from esper.kasmina.optim import OptimizerFactory, SeedKey, SeedOptimizer
 from esper.kasmina.schema import SiteSchema
 
 log = logging.getLogger(__name__)
 
 S = SeedState
-SeedKey = tuple[str, int]
 _RESTING = (S.DORMANT, S.FOSSILIZED)
 
 
@@ -72,6 +77,8 @@ class Kasmina(nn.Module):
     """The execution plane for one host model. Its parameters are the seeds'
     (the host's stay the host's); ``state_dict`` holds seed params and the
     sites' state tensors. Build it with ``esper.kasmina.add_seed_sites``."""
+
+    host: nn.Module
 
     def __init__(
         self,
@@ -120,10 +127,10 @@ class Kasmina(nn.Module):
         return next(iter(self._by_name.values())).state.alpha.device
 
     def _host_device(self) -> torch.device:
-        for t in self.host.parameters():
-            return t.device
-        for t in self.host.buffers():
-            return t.device
+        for p in self.host.parameters():
+            return p.device
+        for b in self.host.buffers():
+            return b.device
         return torch.device("cpu")
 
     def site(self, name: str) -> KasminaLayer:
@@ -156,7 +163,7 @@ class Kasmina(nn.Module):
     # --- the controller's verbs (training thread, between steps) -------------------
 
     def offer_kernel(
-        self, site: str, seed: int | None, cache_key: str, factory: Callable[..., nn.Module]
+        self, site: str, seed: int | None, cache_key: str, factory: ModuleFactory
     ) -> None:
         """Thread-safe: germinate ``cache_key`` at the next boundary (see KasminaLayer)."""
         self._by_name[site].offer_kernel(seed, cache_key, factory)

@@ -4,6 +4,7 @@ the events, and the GPU-resident state mirroring the Python side."""
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -149,3 +150,25 @@ def test_dormant_sites_leave_no_hook_on_the_host() -> None:
     kas.cull("blocks.0", 0, "done")
     assert len(host.blocks[0]._forward_hooks) == 0
     assert isinstance(host, Host)
+
+
+def test_offers_from_other_threads_are_taken_at_the_boundary() -> None:
+    _, kas, events = make(seeds=4)
+    threads = [
+        threading.Thread(target=kas.offer_kernel, args=("blocks.0", None, f"k{i}", ir_factory()))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert events == []  # nothing moves between boundaries
+    kas.step_boundary(0)
+    assert sorted(e.cache_key for e in events if isinstance(e, SeedEvent)) == [
+        "k0", "k1", "k2", "k3"
+    ]
+    assert {kas.state_of("blocks.0", k) for k in range(4)} == {S.GERMINATED}
+    kas.wait_for_loads()
+    kas.step_boundary(1)
+    assert {kas.state_of("blocks.0", k) for k in range(4)} == {S.TRAINING}
+    kas.close()
