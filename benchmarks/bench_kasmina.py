@@ -195,8 +195,8 @@ def main() -> None:
           f"{dormant['overhead_pct_min']:+.2f} % (best rounds)")
     print(f"active: {args.seeds} GRAFTING seeds of one kernel at one site, host fwd+bwd")
     print(f"  batched (vmap) {active['batched_ms']:8.3f} ms   looped {active['looped_ms']:8.3f} ms")
-    print(json.dumps({"bench": "kasmina", "device": str(device), "device_name": name,
-                      "commit": commit, "date": str(date.today()), **vars(args),
+    print(json.dumps({"bench": "kasmina", **vars(args), "device": str(device),
+                      "device_name": name, "commit": commit, "date": str(date.today()),
                       **dormant, **active}))
 
 
