@@ -34,7 +34,7 @@ from esper.validate.subject import (
     reference_params,
     run,
 )
-from esper.validate.tolerances import compare, representable, tolerance
+from esper.validate.tolerances import ELEMENT_FACTOR, compare, representable, tolerance
 
 T = torch.Tensor
 Check = Callable[[Subject], r.CheckRecord]
@@ -134,33 +134,42 @@ def _structure(got: tuple[T, ...], want: tuple[T, ...], s: Subject) -> list[str]
 
 
 class _Worst:
-    """The largest error seen over several comparisons, and where."""
+    """The largest errors seen over several comparisons, and where."""
 
     def __init__(self) -> None:
-        self.error = 0.0
-        self.where = ""
+        self.error = self.element = 0.0
+        self.where = self.element_where = ""
         self.nonfinite = 0
         self.per_batch: dict[str, float] = {}
 
     def add(self, what: str, batch: int, got: T, want: T, s: Subject) -> None:
         c = compare(got, want, s.dtype)
         self.nonfinite += c.nonfinite
+        here = f"{what} at batch {batch}"
         key = str(batch)
         self.per_batch[key] = max(self.per_batch.get(key, 0.0), c.error)
-        if c.error > self.error or (not self.where and c.error == self.error):
-            self.error, self.where = c.error, f"{what} at batch {batch}"
+        if c.error > self.error or not self.where:
+            self.error, self.where = c.error, here
+        if c.element_error > self.element or not self.element_where:
+            self.element, self.element_where = c.element_error, here
 
     def record(self, check: str, s: Subject, what: str) -> r.CheckRecord:
+        element_bound = ELEMENT_FACTOR * s.tol
         details: dict[str, Any] = {
             "per_batch": {k: r.finite_or_none(v) for k, v in self.per_batch.items()},
-            "batch_sizes": list(s.batch_sizes), "worst": self.where}
+            "batch_sizes": list(s.batch_sizes), "worst": self.where,
+            "element_error": r.finite_or_none(self.element), "element_bound": element_bound,
+            "worst_element": self.element_where}
         if self.nonfinite:
             return r.failed(check, f"{self.nonfinite} {what} element(s) are NaN/Inf where the "
                             f"reference is finite (first: {self.where}); unwritten output "
                             "memory reads as NaN here", bound=s.tol, **details)
-        msg = f"max rel err {_fmt(self.error)} ({self.where}), bound {_fmt(s.tol)}"
+        msg = (f"rel err {_fmt(self.error)} ({self.where}), bound {_fmt(s.tol)}; element err "
+               f"{_fmt(self.element)} ({self.element_where}), bound {_fmt(element_bound)}")
         if self.error > s.tol:
             return r.failed(check, msg, figure=self.error, bound=s.tol, **details)
+        if self.element > element_bound:
+            return r.failed(check, msg, figure=self.element, bound=element_bound, **details)
         return r.passed(check, msg, figure=self.error, bound=s.tol, **details)
 
 

@@ -6,7 +6,8 @@ file; never pickle. A killed or crashed sandbox becomes a failed check —
 
 One sandbox process per validation (nothing leaks from one kernel to the
 next); ``spares`` processes are started ahead and wait, torch imported, for
-their request, so a validation does not pay for process start."""
+their request, so a validation does not pay for process start (a spare is
+started when a validation ends, so it never competes with one for the CPU)."""
 
 from __future__ import annotations
 
@@ -158,8 +159,6 @@ class SandboxRunner:
         check. Raises SandboxError when the sandbox never became ready."""
         t0 = time.monotonic()
         sb = await self._take()
-        if not self._closed:
-            await self.warm()  # the next validation's sandbox imports torch meanwhile
         try:
             with tempfile.TemporaryDirectory(prefix="esper-validate-") as tmp:
                 path = Path(tmp) / "artifact"
@@ -173,6 +172,10 @@ class SandboxRunner:
                 done = time.monotonic()
         finally:
             await self._reap(sb)
+            if not self._closed:
+                # The next validation's sandbox starts now, not during this one: its
+                # torch import would compete with the checks (and skew timings).
+                await self.warm()
         return report.with_timings(start_s=waited, exchange_s=done - t_sent, total_s=done - t0)
 
     async def _until_ready(self, sb: _Sandbox, timeout: float, heartbeat: Heartbeat | None

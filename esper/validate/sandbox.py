@@ -58,14 +58,18 @@ def validate(request: SandboxRequest) -> object:
     t0 = time.perf_counter()
     device_str, device_name, notes = _choose_device(request)
     interpreted = device_str == "cpu" and request.expected.backend == "triton"
-    if interpreted:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when Triton kernels are defined
+    from esper.validate import report as r
+
+    if interpreted and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton read the flag when it was imported (at start-up, see main).
+        return r.ValidationReport(device=device_name, notes=notes, checks=[r.failed(
+            r.SANDBOX, "this validator cannot run the kernel: Triton on CPU needs "
+            "TRITON_INTERPRET=1, set only on validators without a GPU")])
     _register_backends(request)
 
     import torch
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    from esper.validate import report as r
     from esper.validate.checks import NUMERIC_CHECKS, check_integrity
     from esper.validate.device_checks import check_coverage, check_performance, check_resources
 
@@ -127,6 +131,12 @@ def main() -> None:
     sys.stdout = sys.stderr
     # cuBLAS is deterministic only with a fixed workspace; set before CUDA starts.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    if not torch.cuda.is_available():
+        # Without a GPU, Triton kernels can only run in the interpreter, and Triton
+        # reads this flag when imported (which the warm-up below already does).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     _warm_up()
     progress("ready")
     request = SandboxRequest.model_validate_json(sys.stdin.buffer.read())
