@@ -209,8 +209,10 @@ class KasminaLayer(nn.Module):
         return out - x.unsqueeze(0) if self.config.kernel_output == "residual" else out
 
     def _run_training(self, group: SeedGroup, h: torch.Tensor, catcher: _GradCatcher) -> None:
-        """Detached input, own loss later (``train_seeds``); nothing reaches the host."""
-        x = h.detach()
+        """Detached input, own loss later (``train_seeds``); nothing reaches the host.
+        The copy keeps the seed's saved input intact if the host later edits ``h``
+        in place (``out += identity``): ``h`` itself is what the host gets back."""
+        x = h.detach().clone()
         out = self._guarded(group, x, group.run)
         if out is None:
             return
