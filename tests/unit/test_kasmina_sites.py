@@ -175,3 +175,30 @@ def test_move_params_carries_adam_moments_exactly() -> None:
         move_params(b.parameters(), None, dst)
     with pytest.raises(ValueError, match="same optimizer class"):
         move_params(b.parameters(), dst, torch.optim.SGD(a.parameters(), lr=0.1))
+
+
+class _InPlaceHost(torch.nn.Module):
+    """Edits a site's activation in place after the site (ResNet's ``out += identity``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = torch.nn.Linear(D, D)
+        self.head = torch.nn.Linear(D, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(x)
+        h += x
+        return self.head(torch.relu(h))
+
+
+def test_host_editing_the_activation_in_place_does_not_hurt_a_training_seed() -> None:
+    torch.manual_seed(0)
+    host = _InPlaceHost()
+    kas = add_seed_sites(host, {"block": (("B", D), "float32")}, seeds_per_site=1)
+    germinate(kas, "block", 0, "k", ir_factory())
+    opt = torch.optim.SGD(host.parameters(), lr=0.01)
+    x, y = data()
+    for step in range(kas.step + 1, kas.step + 4):
+        kas.train_step(closure_for(host, opt, x, y), opt, step)
+    assert kas.state_of("block", 0) is S.TRAINING
+    assert 0 in kas.site("block").seed_losses
