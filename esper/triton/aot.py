@@ -125,27 +125,46 @@ def jit_kernels(module: Any, plan: Plan) -> dict[str, Launcher]:
 
 
 class BinaryLauncher:
-    """Launch a shipped binary: no compile, one cached launcher stub per signature."""
+    """Launch a shipped binary: no compile, one cached launcher stub per signature.
+
+    After ``warm`` it calls Triton's C launch function directly when the kernel
+    needs no scratch memory (the common case), skipping two Python frames per
+    launch; otherwise it goes through ``CompiledKernel.run``."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
-        self._stream: Callable[[int], int] | None = None
+        self._go: Callable[[int, Sequence[Any], KernelConfig], None] | None = None
 
     def warm(self) -> None:
-        self.kernel._init_handles()  # loads the cubin; builds/loads the launcher stub
+        k = self.kernel
+        k._init_handles()  # loads the cubin; builds/loads the launcher stub
         from triton.runtime import driver
 
-        self._device = driver.active.get_current_device()
-        self._stream = driver.active.get_current_stream
+        device = driver.active.get_current_device()
+        get_stream = driver.active.get_current_stream
+        run, function, packed = k.run, k.function, k.packed_metadata
+        md = k.metadata
+        direct = (hasattr(run, "launch") and not getattr(md, "global_scratch_size", 0)
+                  and not getattr(md, "profile_scratch_size", 0)
+                  and hasattr(run, "launch_cooperative_grid"))
+        if direct:
+            launch, coop, pdl = run.launch, run.launch_cooperative_grid, run.launch_pdl
+
+            def go(grid: int, args: Sequence[Any], cfg: KernelConfig) -> None:
+                launch(grid, 1, 1, get_stream(device), function, coop, pdl, None, None,
+                       packed, None, None, None, *args, cfg.block_r)
+        else:
+            def go(grid: int, args: Sequence[Any], cfg: KernelConfig) -> None:
+                run(grid, 1, 1, get_stream(device), function, packed, None, None, None,
+                    *args, cfg.block_r)
+
+        self._go = go
 
     def launch(self, grid: int, args: Sequence[Any], cfg: KernelConfig) -> None:
-        if self._stream is None:
+        if self._go is None:
             self.warm()
-        k = self.kernel
-        assert self._stream is not None
-        stream = self._stream(self._device)
-        k.run(grid, 1, 1, stream, k.function, k.packed_metadata, None, None, None,
-              *args, cfg.block_r)
+        assert self._go is not None
+        self._go(grid, args, cfg)
 
 
 def load_binaries(module: Any, requests: list[dict[str, Any]], files: Mapping[str, bytes],

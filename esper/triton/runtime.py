@@ -64,12 +64,15 @@ def _grid(rows: int, cfg: KernelConfig, looping: bool) -> int:
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     # binaries are compiled assuming 16-byte aligned, contiguous operands
-    t = t.contiguous()
+    if not t.is_contiguous():
+        t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 class GroupRunner:
-    """Forward and backward of one fused group through two launchers."""
+    """Forward and backward of one fused group through two launchers. Everything
+    that does not depend on the batch is decided here once: each call is a few
+    allocations and one launch (Python overhead is what a small block pays)."""
 
     def __init__(self, step: FusedStep, fwd: Launcher, bwd: Launcher | None,
                  dtype: torch.dtype) -> None:
@@ -77,61 +80,64 @@ class GroupRunner:
         self.fwd, self.bwd = fwd, bwd
         self.dtype = dtype
         self.c = step.c
-        self.fwd_alias = aliases(step.fwd)
-        self.bwd_alias = aliases(step.bwd) if step.bwd is not None else {}
+        self.fwd_cfg, self.bwd_cfg = step.fwd_cfg, step.bwd_cfg
+        fwd_alias = aliases(step.fwd)
         self.fwd_loop = stored(step.fwd).has_col_reduction()
         self.bwd_loop = step.bwd is not None and stored(step.bwd).has_col_reduction()
-        self.in_kinds = [k for _, k in step.fwd.inputs]
-        self.out_kinds = [step.fwd.kind(v) for _, v in step.fwd.outputs]
-        full = [i for i, k in enumerate(self.in_kinds) if k == "full"]
-        self.full_input = full[0] if full else None
+        kinds = [k for _, k in step.fwd.inputs]
+        self.full_input = kinds.index("full") if "full" in kinds else None
+        rank = len(step.frame)
+        # forward outputs: (alias or None, shape rule: "full" | "keep" | "drop", IR shape)
+        self.fwd_outs = [
+            (fwd_alias.get(j), "full" if o.kind == "full" else
+             ("keep" if len(o.shape) == rank else "drop"), o.shape)
+            for j, o in enumerate(step.outputs)
+        ]
+        # backward outputs: (alias or None, kind), one per forward input
+        self.bwd_outs: list[tuple[tuple[str, int] | None, str]] = []
+        self.partial_aliases: dict[int, list[int]] = {}
+        if step.bwd is not None:
+            bwd_alias = aliases(step.bwd)
+            for j, (_, vid) in enumerate(step.bwd.outputs):
+                self.bwd_outs.append((bwd_alias.get(j), step.bwd.kind(vid)))
+                a = bwd_alias.get(j)
+                if a is not None and a[0] == "out":
+                    self.partial_aliases.setdefault(a[1], []).append(j)
 
-    def rows(self, tensors: Sequence[torch.Tensor], symbols: dict[str, int] | None) -> int:
+    def _rows_lead(self, tensors: Sequence[torch.Tensor], symbols: dict[str, int] | None
+                   ) -> tuple[int, list[int] | None]:
         if self.full_input is not None:
-            return tensors[self.full_input].numel() // self.c
+            t = tensors[self.full_input]
+            return t.numel() // self.c, list(t.shape[:-1])
         from esper.triton.partition import row_count
 
-        return row_count(self.step.frame, symbols or {})
+        return row_count(self.step.frame, symbols or {}), None
 
-    def _shape(self, shape: Sequence[Any], symbols: dict[str, int] | None,
-               lead: Sequence[int] | None) -> list[int]:
-        if lead is not None and len(shape) == len(self.step.frame):
-            return [*lead, int(shape[-1])]
-        sym = symbols or {}
-        return [sym[d] if isinstance(d, str) else int(d) for d in shape]
-
-    def _out_shape(self, j: int, lead: list[int] | None,
+    def _out_shape(self, rule: str, shape: Sequence[Any], lead: list[int] | None,
                    symbols: dict[str, int] | None) -> list[int]:
-        o = self.step.outputs[j]
         if lead is None:
             sym = symbols or {}
-            return [sym[d] if isinstance(d, str) else int(d) for d in o.shape]
-        if o.kind == "full":
+            return [sym[d] if isinstance(d, str) else int(d) for d in shape]
+        if rule == "full":
             return [*lead, self.c]
-        return [*lead, 1] if len(o.shape) == len(self.step.frame) else list(lead)
-
-    def _lead(self, tensors: Sequence[torch.Tensor]) -> list[int] | None:
-        if self.full_input is None:
-            return None
-        return list(tensors[self.full_input].shape[:-1])
+        return [*lead, 1] if rule == "keep" else lead
 
     def forward(self, tensors: Sequence[torch.Tensor],
                 symbols: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
         ins = [_aligned(t) for t in tensors]
-        rows = self.rows(ins, symbols)
-        lead = self._lead(tensors)
+        rows, lead = self._rows_lead(ins, symbols)
+        dev = ins[0].device
         outs: list[torch.Tensor] = []
         kernel_outs: list[torch.Tensor] = []
-        for j in range(len(self.step.outputs)):
-            alias = self.fwd_alias.get(j)
+        for alias, rule, shape in self.fwd_outs:
             if alias is not None:
                 outs.append(tensors[alias[1]] if alias[0] == "in" else outs[alias[1]])
                 continue
-            t = torch.empty(self._out_shape(j, lead, symbols), dtype=self.dtype,
-                            device=ins[0].device)
+            t = torch.empty(self._out_shape(rule, shape, lead, symbols), dtype=self.dtype,
+                            device=dev)
             outs.append(t)
             kernel_outs.append(t)
-        cfg = self.step.fwd_cfg
+        cfg = self.fwd_cfg
         assert cfg is not None
         self.fwd.launch(_grid(rows, cfg, self.fwd_loop), [*ins, *kernel_outs, rows], cfg)
         return tuple(outs)
@@ -139,32 +145,25 @@ class GroupRunner:
     def backward(self, saved: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
                  symbols: dict[str, int] | None = None) -> list[torch.Tensor]:
         """Grads of every group input, in the forward's input order."""
-        bwd = self.step.bwd
-        assert bwd is not None and self.bwd is not None
+        assert self.bwd is not None and self.bwd_cfg is not None
         ins = [_aligned(t) for t in saved]
-        rows = self.rows(ins, symbols)
-        lead = self._lead(saved)
+        rows, lead = self._rows_lead(ins, symbols)
         dev = ins[0].device
-        gs = [
-            _aligned(g) if g is not None
-            else torch.zeros(self._out_shape(j, lead, symbols), dtype=self.dtype, device=dev)
-            for j, g in enumerate(grads)
-        ]
-        cfg = self.step.bwd_cfg
-        assert cfg is not None
+        gs = [_aligned(g) if g is not None else torch.zeros(
+                  self._out_shape(rule, shape, lead, symbols), dtype=self.dtype, device=dev)
+              for g, (_, rule, shape) in zip(grads, self.fwd_outs, strict=True)]
+        cfg = self.bwd_cfg
         grid = _grid(rows, cfg, self.bwd_loop)
         bwd_inputs = [*ins, *gs]
         results: list[torch.Tensor] = []
         kernel_outs: list[torch.Tensor] = []
         partial: list[int] = []
-        for j, (_, vid) in enumerate(bwd.outputs):
-            alias = self.bwd_alias.get(j)
+        for j, (alias, kind) in enumerate(self.bwd_outs):
             if alias is not None:
                 results.append(bwd_inputs[alias[1]] if alias[0] == "in" else results[alias[1]])
                 continue
-            kind = bwd.kind(vid)
             if kind in ("full", "row"):
-                t = torch.empty_like(saved[j], memory_format=torch.contiguous_format)
+                t = torch.empty_like(ins[j])
             else:
                 t = torch.empty((grid, self.c) if kind == "col" else (grid,),
                                 dtype=torch.float32, device=dev)
@@ -173,8 +172,12 @@ class GroupRunner:
             kernel_outs.append(t)
         self.bwd.launch(grid, [*bwd_inputs, *kernel_outs, rows], cfg)
         for j in partial:
-            results[j] = results[j].sum(0).to(saved[j].dtype).reshape(saved[j].shape)
-            for k, alias in self.bwd_alias.items():  # an output aliasing a partial sum
-                if alias == ("out", j):
-                    results[k] = results[j]
+            total = results[j].sum(0)
+            if total.dtype != saved[j].dtype:
+                total = total.to(saved[j].dtype)
+            if total.dim() != saved[j].dim():
+                total = total.reshape(saved[j].shape)
+            results[j] = total
+            for k in self.partial_aliases.get(j, ()):
+                results[k] = total
         return results

@@ -24,7 +24,7 @@ TUNE_ELEMS = 1 << 24  # tune at ~16M elements per frame: large enough to fill th
 def heuristic(prog: TileProgram, c: int, arch: int = 90) -> KernelConfig:
     bc = next_pow2(c)
     loop = stored(prog).has_col_reduction()
-    per_program = 2048 if loop else 4096
+    per_program = 4096
     block_r = max(1, min(128, per_program // bc))
     elems = block_r * bc
     warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
@@ -39,14 +39,18 @@ def candidates(prog: TileProgram, c: int, arch: int = 90) -> list[KernelConfig]:
     cap = SM_COUNT.get(arch, 132) * 4 if loop else 0
     h = heuristic(prog, c, arch)
     out = [h, KernelConfig(block_r=h.block_r, num_warps=max(2, h.num_warps // 2), grid_cap=cap)]
-    for elems in (1024, 16384):
+    for elems in (2048, 8192, 16384):
         block_r = max(1, elems // bc)
         real = block_r * bc
         out.append(KernelConfig(block_r=block_r, num_warps=4 if real <= 4096 else 8,
                                 grid_cap=cap))
+    if loop:  # software-pipeline the row loop's loads; a wider grid
+        out.append(KernelConfig(block_r=h.block_r, num_warps=h.num_warps, num_stages=2,
+                                grid_cap=cap))
+        out.append(KernelConfig(block_r=h.block_r, num_warps=h.num_warps, grid_cap=cap * 2))
     seen, uniq = set(), []
     for cfg in out:
-        key = (cfg.block_r, cfg.num_warps, cfg.grid_cap)
+        key = (cfg.block_r, cfg.num_warps, cfg.grid_cap, cfg.num_stages)
         if key not in seen and cfg.block_r <= 128:
             seen.add(key)
             uniq.append(cfg)
@@ -66,6 +70,10 @@ def tune_rows(g: FusedStep) -> int:
     if all(isinstance(d, int) for d in g.frame[:-1]):
         return static
     return max(static, TUNE_ELEMS // (g.c * static) * static)
+
+
+def _cfg(c: KernelConfig | None) -> list[int] | None:
+    return None if c is None else [c.block_r, c.num_warps, c.num_stages, c.grid_cap]
 
 
 def autotune(plan: Plan, bench: Callable[[FusedStep, str, KernelConfig | None], float],
@@ -98,8 +106,5 @@ def autotune(plan: Plan, bench: Callable[[FusedStep, str, KernelConfig | None], 
         if torch_ms < triton_ms:
             g.impl = "torch"
         report[g.name] = {"impl": g.impl, **g.measured,
-                          "fwd_cfg": [g.fwd_cfg.block_r, g.fwd_cfg.num_warps, g.fwd_cfg.grid_cap]
-                          if g.fwd_cfg else None,
-                          "bwd_cfg": [g.bwd_cfg.block_r, g.bwd_cfg.num_warps, g.bwd_cfg.grid_cap]
-                          if g.bwd_cfg else None}
+                          "fwd_cfg": _cfg(g.fwd_cfg), "bwd_cfg": _cfg(g.bwd_cfg)}
     return report
