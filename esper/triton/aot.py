@@ -80,7 +80,11 @@ def compile_binaries(source: str, requests: list[dict[str, Any]], target: str,
         req = {"source": str(src_path), "module_name": f"esper_kernels_{digest}",
                "target": list(parse_target(target)), "kernels": requests,
                "out_dir": str(Path(tmp) / "out")}
-        if python is None and os.environ.get("TRITON_INTERPRET") != "1":
+        # In-process unless this process runs (or ran) Triton's interpreter, which
+        # patches triton.language while kernels run: then a clean child compiles.
+        interpreted = (os.environ.get("TRITON_INTERPRET") == "1"
+                       or "triton.runtime.interpreter" in sys.modules)
+        if python is None and not interpreted:
             info = compile_request(req)
         else:
             (Path(tmp) / "req.json").write_text(json.dumps(req))
