@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are compared, not by the worker
+    import torch
 
 # Relative error bounds by dtype (issue 6). "tf32" applies to float32 kernels
 # on a device where matmuls may run in TF32 (policy ``allow_tf32``).
@@ -69,12 +71,16 @@ class Comparison:
 
 def representable(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Mask of reference elements a ``dtype`` result could hold: finite and in range."""
+    import torch
+
     limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
     return torch.isfinite(ref) & (ref.abs() <= limit)
 
 
 def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Comparison:
     """``got`` (any device, any dtype) against ``ref`` (float64, CPU)."""
+    import torch
+
     got64 = got.detach().to(device="cpu", dtype=torch.float64)
     ref64 = ref.detach().to(device="cpu", dtype=torch.float64)
     if got64.shape != ref64.shape:

@@ -77,5 +77,17 @@ def _compile_handler(settings: Settings) -> Handler:
 
 # batch=1: a compile holds its transaction (and claims) for seconds; one message each.
 register(Stage("compile", ev.BlueprintSubmitted, _compile_handler, concurrency=4, batch=1))
-register(Stage("validate", ev.KernelCompiled, lambda settings: passthrough.validate_handler()))
+
+
+def _validate_handler(settings: Settings) -> Handler:
+    if passthrough_requested(settings):
+        return passthrough.validate_handler()
+    from esper.stages.validate import make_validate_handler  # torch-free; sandboxes load it
+
+    return make_validate_handler(settings)
+
+
+# One validation at a time per process: each holds its kernel row and a sandbox for
+# seconds, and a GPU validator's latency measurements must not overlap.
+register(Stage("validate", ev.KernelCompiled, _validate_handler, concurrency=1, batch=1))
 register(Stage("deploy", ev.KernelValidated, lambda settings: passthrough.deploy_handler()))
