@@ -272,16 +272,31 @@ class CompileHandler:
         detail: dict[str, Any] = {"cache": "miss", "lookup_us": lookup_us, "cache_hit": False}
         self._inflight.add(plan.key)
         try:
-            found = await self.registry.lookup(plan.key) if recovering else None
-            if found is not None:  # stored by the attempt that died: no second compile
-                built = _Built(found.digest, None, {})
-                detail["recovered_from"] = found.tier
+            found = await self._recover(plan.key) if recovering else None
+            if found is not None:  # built by the attempt that died: no second compile
+                built = _Built(found[0], None, {})
+                detail["recovered_from"] = found[1]
             else:
                 built = await self._build(job, plan)
                 detail["compile_ms"] = built.compile_ms
             await self._settle(job, plan, kernel_id, built, detail)
         finally:
             self._inflight.discard(plan.key)
+
+    async def _recover(self, key: str) -> tuple[str, str] | None:
+        """(digest, tier) of an artifact an earlier, killed attempt built for ``key``,
+        stored again into every tier (the kill may have come between two)."""
+        registry = self.registry
+        packed, tier = await asyncio.to_thread(registry.disk.get_by_key, key), "disk"
+        if packed is None and registry.durable is not None:
+            packed, tier = await registry.durable.get_by_key(key), "durable"
+        if packed is None:
+            return None
+        try:
+            return await registry.store(key, packed), tier
+        except ArtifactError as exc:
+            log.warning("ignoring the stored artifact for %s: %s", key[:12], exc)
+            return None
 
     async def _build(self, job: _Job, plan: _Plan) -> _Built:
         """Compile in a child process and store the artifact in every tier."""
