@@ -1,4 +1,5 @@
-"""`esper kernels [--blueprint HASH] [--json] [--stats]`: what the registry holds."""
+"""`esper kernels [--blueprint HASH] [--json] [--stats]`: what the registry holds;
+`esper kernels retire KEY`: take a kernel out of service (trainers stop germinating it)."""
 
 from __future__ import annotations
 
@@ -89,9 +90,54 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _retire(key: str, reason: str) -> Any:
+    from esper.bus.connect import connect
+    from esper.db.engine import create_engine, session_factory
+    from esper.infra.endpoints import resolve_endpoints
+    from esper.settings import get_settings
+    from esper.stages.announce import publish_committed
+    from esper.stages.deploy import retire_kernel
+
+    endpoints = resolve_endpoints(get_settings())
+    engine = create_engine(endpoints.database_url, pool_size=1)
+    try:
+        sessions = session_factory(engine)
+        async with sessions() as session, session.begin():
+            retired = await retire_kernel(session, key, reason)
+        if retired.event is not None:
+            # Committed with its outbox row: a failed publish is left to a relay.
+            nc = await connect(endpoints.nats_servers, name="esper-retire", connect_timeout=10.0)
+            try:
+                await publish_committed(nc.jetstream(), sessions, [retired.event])
+            finally:
+                await nc.drain()
+        return retired
+    finally:
+        await engine.dispose()
+
+
+def cmd_retire(args: argparse.Namespace) -> int:
+    try:
+        retired = asyncio.run(_retire(args.key, args.reason))
+    except EsperError as exc:
+        print(f"esper kernels retire: {exc}", file=sys.stderr)
+        return 1
+    if retired.event is None:
+        print(f"kernel {retired.cache_key[:16]} ({retired.name}) was retired already")
+    else:
+        print(f"retired kernel {retired.cache_key[:16]} ({retired.name}, was "
+              f"{retired.previous_status}); trainers stop germinating it")
+    return 0
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("kernels", help="list kernels and their status")
     p.add_argument("--blueprint", metavar="HASH", help="only this blueprint (a hash prefix)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--stats", action="store_true", help="cache hits/misses per tier")
     p.set_defaults(func=cmd_kernels)
+    actions = p.add_subparsers(dest="kernels_action", metavar="ACTION")
+    r = actions.add_parser("retire", help="retire a kernel: announced, never germinated again")
+    r.add_argument("key", help="cache key (or a unique prefix of 6+ characters) or kernel id")
+    r.add_argument("--reason", default="retired by operator", help="recorded with the event")
+    r.set_defaults(func=cmd_retire)
