@@ -90,4 +90,14 @@ def _validate_handler(settings: Settings) -> Handler:
 # One validation at a time per process: each holds its kernel row and a sandbox for
 # seconds, and a GPU validator's latency measurements must not overlap.
 register(Stage("validate", ev.KernelCompiled, _validate_handler, concurrency=1, batch=1))
-register(Stage("deploy", ev.KernelValidated, lambda settings: passthrough.deploy_handler()))
+
+
+def _deploy_handler(settings: Settings) -> Handler:
+    if passthrough_requested(settings):
+        return passthrough.deploy_handler()
+    from esper.stages.deploy import make_deploy_handler  # torch-free bookkeeping
+
+    return make_deploy_handler(settings)
+
+
+register(Stage("deploy", ev.KernelValidated, _deploy_handler))
