@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -132,13 +133,15 @@ def main() -> None:
                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    print(f"Python {platform.python_version()}, {platform.machine()}, {date.today()}, "
-          f"commit {commit}")
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{date.today()}, commit {commit}, load average after the run {load}")
     print()
-    print("| blueprint | operation | median | p99 | reps |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("| blueprint | operation | median | p99 | min | reps |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for label, what, xs in rows:
-        print(f"| {label} | {what} | {fmt(statistics.median(xs))} | {fmt(p99(xs))} | {len(xs)} |")
+        print(f"| {label} | {what} | {fmt(statistics.median(xs))} | {fmt(p99(xs))} "
+              f"| {fmt(min(xs))} | {len(xs)} |")
 
 
 if __name__ == "__main__":
