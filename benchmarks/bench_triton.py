@@ -183,8 +183,10 @@ def case_inputs(name: str, dtype: Any, device: str = "cuda") -> list[Any]:
 
     ir = case_ir(name)
     sym = CASES[name][1]
+    gen = torch.Generator(device=device).manual_seed(0)  # not the default: CUDA graphs
     return [torch.randn([sym.get(d, d) if isinstance(d, str) else d for d in i.shape],
-                       device=device, dtype=dtype).requires_grad_(True) for i in ir.inputs]
+                        device=device, dtype=dtype, generator=gen).requires_grad_(True)
+            for i in ir.inputs]
 
 
 def _flops(name: str) -> float:
@@ -238,7 +240,8 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
             ref.load_state_dict(esper.state_dict())
             xs = case_inputs(name, dtype)
             y = esper(*xs)
-            g = torch.randn_like(y)
+            g = torch.randn(y.shape, device=y.device, dtype=y.dtype,
+                            generator=torch.Generator(device="cuda").manual_seed(1))
 
             def step(m: Any, xs: list[Any] = xs, g: Any = g) -> None:
                 for x in xs:
@@ -264,15 +267,6 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                 row["torch_compile_ms"] = _bench(lambda comp=comp: step(comp))
             except Exception as exc:  # record, keep going
                 row["torch_compile_error"] = repr(exc)[:300]
-            # CUDA graphs take Python launch overhead out of both sides (a trainer may
-            # graph its step); captured after torch.compile so that one stays eager-based
-            for label, m in (("eager", ref), ("esper", esper)):
-                try:
-                    sample = tuple(x.detach().clone().requires_grad_(True) for x in xs)
-                    gm = torch.cuda.make_graphed_callables(m, sample)
-                    row[f"{label}_graphed_ms"] = _bench(lambda gm=gm: step(gm))
-                except Exception as exc:  # record, keep going
-                    row[f"{label}_graphed_error"] = repr(exc)[:300]
             if tune:
                 t0 = time.perf_counter()
                 be = TritonBackend(Path(tempfile.mkdtemp()))
@@ -285,6 +279,15 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                 row["esper_tuned_ms"] = _bench(lambda tuned=tuned: step(tuned))
                 plan = json.loads(cf.files["triton/plan.json"])
                 row["tuning"] = plan["meta"]["tuning"]
+            # CUDA graphs take Python launch overhead out of both sides (a trainer may
+            # graph its step); captured after torch.compile so that one stays eager-based
+            for label, m in (("eager", ref), ("esper", esper)):
+                try:
+                    sample = tuple(x.detach().clone().requires_grad_(True) for x in xs)
+                    gm = torch.cuda.make_graphed_callables(m, sample)
+                    row[f"{label}_graphed_ms"] = _bench(lambda gm=gm: step(gm))
+                except Exception as exc:  # record, keep going
+                    row[f"{label}_graphed_error"] = repr(exc)[:300]
             # unavoidable traffic: inputs read twice (fwd, bwd) and their grads written,
             # params read twice and grads written, output written, its grad read
             nbytes = (3 * sum(x.numel() for x in xs) + 3 * sum(p.numel() for p in ref.parameters())
@@ -323,6 +326,7 @@ def hot_load(shipped: Path, pub: Any) -> dict[str, Any]:
     from esper.triton.backend import TritonBackend
 
     samples = []
+    gen = torch.Generator(device="cuda").manual_seed(2)
     paths = sorted(shipped.glob("*.esper"))
     for rep in range(6):
         for path in paths:
@@ -333,7 +337,8 @@ def hot_load(shipped: Path, pub: Any) -> dict[str, Any]:
             art = unpack_verified(path.read_bytes(), pub)
             module = TritonBackend(Path(tempfile.mkdtemp())).load(art.manifest, art.files)("cuda")
             xs = [torch.randn([2 if isinstance(d, str) else d for d in i.shape], device="cuda",
-                              dtype=module.compute_dtype) for i in module.ir.inputs]
+                              dtype=module.compute_dtype, generator=gen)
+                  for i in module.ir.inputs]
             module(*xs)
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) * 1e3

@@ -141,6 +141,18 @@ def _invariant(p: TileProgram) -> list[bool]:
     return inv
 
 
+def _live(p: TileProgram, deferred: dict[int, int]) -> list[bool]:
+    """Liveness from the outputs, where a deferred csum output needs only its operand."""
+    need = [False] * len(p.vals)
+    for j, (_, vid) in enumerate(p.outputs):
+        need[deferred.get(j, vid)] = True
+    for i in range(len(p.vals) - 1, -1, -1):
+        if need[i]:
+            for a in p.vals[i].args:
+                need[a] = True
+    return need
+
+
 def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None) -> str:
     """Source of one ``@triton.jit`` kernel computing ``p`` on tiles of ``C = c`` columns.
 
@@ -150,7 +162,12 @@ def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None) 
     bc = next_pow2(c)
     col_masked = bc != c
     loop = p.has_col_reduction() if loop is None else loop
-    live = p.live()
+    # A col output that is csum(full value) accumulates the full tile across the
+    # row loop and reduces over rows once at the end: no cross-warp reduction
+    # per iteration.
+    deferred = {j: p.vals[vid].args[0] for j, (_, vid) in enumerate(p.outputs)
+                if loop and p.vals[vid].op == "csum" and p.kind(p.vals[vid].args[0]) == "full"}
+    live = _live(p, deferred)
     inv = _invariant(p) if loop else [False] * len(p.vals)
     ins = [f"in_{i}" for i in range(len(p.inputs))]
     outs = [f"out_{j}" for j in range(len(p.outputs))]
@@ -194,6 +211,8 @@ def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None) 
     partial = [(j, vid) for j, (_, vid) in enumerate(p.outputs) if p.kind(vid) in ("col", "scalar")]
     for j, vid in partial:
         shape = f"[1, {bc}]" if p.kind(vid) == "col" else "[1, 1]"
+        if j in deferred:
+            shape = f"[BLOCK_R, {bc}]"
         lines.append(f"    acc_{j} = tl.zeros({shape}, tl.float32)")
     if loop:
         lines.append(
@@ -214,6 +233,9 @@ def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None) 
             emit_val(i, ind)
     for j, (_, vid) in enumerate(p.outputs):
         kind = p.kind(vid)
+        if j in deferred:
+            lines.append(f"{ind}acc_{j} += tl.where(rm2, {name[deferred[j]]}, 0.0)")
+            continue
         cast = f"{name[vid]}.to(out_{j}.dtype.element_ty)"
         if kind == "full":
             mask = "m2" if col_masked else "rm2"
@@ -223,6 +245,8 @@ def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None) 
         else:
             lines.append(f"{ind}acc_{j} += {name[vid]}")
     for j, vid in partial:
+        if j in deferred:
+            lines.append(f"    acc_{j} = tl.sum(acc_{j}, axis=0)[None, :]")
         if p.kind(vid) == "col":
             lines.append(f"    tl.store(out_{j} + pid * {c} + cols2, acc_{j}, mask=cm2)")
         else:

@@ -43,13 +43,16 @@ class _GroupBench:
         self.g, self.dtype = g, dtype
         self.attrs = node_attrs(ir)
         self.inputs: list[torch.Tensor] = []
+        # a private generator: the default one may be registered with CUDA graphs
+        self.gen = torch.Generator(device="cuda").manual_seed(0)
         for i in g.inputs:
             if i.param is not None:
                 shape = _shape(pshapes[i.param[0]][i.param[1]], self.symbols)
             else:
                 name = i.value.removesuffix("#mm")
                 shape = _shape(schemas[name].shape, self.symbols)
-            self.inputs.append(torch.randn(shape, device="cuda", dtype=dtype))
+            self.inputs.append(torch.randn(shape, device="cuda", dtype=dtype,
+                                           generator=self.gen))
         self.fwd = aot.JitLauncher(getattr(module, g.fwd_kernel))
         self.bwd = aot.JitLauncher(getattr(module, g.bwd_kernel))
 
@@ -68,7 +71,8 @@ class _GroupBench:
         if which == "fwd":
             return float(do_bench(lambda: runner.forward(self.inputs, self.symbols),
                                   warmup=5, rep=20, return_mode="median"))
-        grads = [torch.randn_like(o) for o in outs]
+        grads = [torch.randn(o.shape, device=o.device, dtype=o.dtype, generator=self.gen)
+                 for o in outs]
         return float(do_bench(lambda: runner.backward(self.inputs, grads, self.symbols),
                               warmup=5, rep=20, return_mode="median"))
 
