@@ -27,6 +27,7 @@ from esper.validate.protocol import ExpectedKernel
 from esper.validate.subject import (
     Subject,
     cotangents,
+    fit_batches,
     make_inputs,
     poisoned,
     randomize_parameters,
@@ -34,7 +35,13 @@ from esper.validate.subject import (
     reference_params,
     run,
 )
-from esper.validate.tolerances import ELEMENT_FACTOR, compare, representable, tolerance
+from esper.validate.tolerances import (
+    ELEMENT_FACTOR,
+    compare,
+    representable,
+    rms_of,
+    tolerance,
+)
 
 T = torch.Tensor
 Check = Callable[[Subject], r.CheckRecord]
@@ -106,7 +113,7 @@ def check_integrity(packed: bytes, public_key: Ed25519PublicKey, expected: Expec
                         digest=digest), None
     module.eval()
     randomize_parameters(module, policy.seed)
-    batches = policy.interpret_batch_sizes if interpreted else policy.batch_sizes
+    batches = fit_batches(ir, policy, interpreted=interpreted, gpu=device.type == "cuda")
     tf32 = policy.allow_tf32 and device.type == "cuda"
     subject = Subject(ir=ir, factory=factory, module=module, device=device,
                       dtype_name=manifest.dtype, key_map=key_map, policy=policy,
@@ -142,8 +149,9 @@ class _Worst:
         self.nonfinite = 0
         self.per_batch: dict[str, float] = {}
 
-    def add(self, what: str, batch: int, got: T, want: T, s: Subject) -> None:
-        c = compare(got, want, s.dtype)
+    def add(self, what: str, batch: int, got: T, want: T, s: Subject, *,
+            scale: float = 0.0) -> None:
+        c = compare(got, want, s.dtype, scale)
         self.nonfinite += c.nonfinite
         here = f"{what} at batch {batch}"
         key = str(batch)
@@ -231,12 +239,14 @@ def check_backward(s: Subject) -> r.CheckRecord:
         if not diff:
             return r.skipped(r.BACKWARD, "no output depends on an input or parameter")
         torch.autograd.backward([w for w, _ in diff], [c for _, c in diff])
-        for what, got, ref in _grads(s, xs_mod, xs_ref, params64):
+        grads = _grads(s, xs_mod, xs_ref, params64)
+        scale = rms_of([ref for _, _, ref in grads])
+        for what, got, ref in grads:
             if got is None:
                 return r.failed(r.BACKWARD, f"{what} gets no gradient at batch {batch}; "
                                 "the reference's is nonzero" if bool(ref.any()) else
                                 f"{what} gets no gradient at batch {batch}")
-            worst.add(f"grad of {what}", batch, got, ref, s)
+            worst.add(f"grad of {what}", batch, got, ref, s, scale=scale)
             compared += 1
     rec = worst.record(r.BACKWARD, s, "gradient")
     return rec.model_copy(update={"details": {**rec.details, "gradients": compared}})

@@ -48,6 +48,9 @@ class ValidationPolicy(BaseModel):
     """Batch sizes for the numeric checks (1 and a non-power-of-two at least)."""
     interpret_batch_sizes: tuple[int, ...] = (1, 3, 4)
     """Smaller ones for Triton kernels run by the (slow) interpreter on CPU."""
+    cpu_max_elements: int = 1 << 17
+    """On CPU, batch sizes whose inputs exceed this many elements are dropped (1 and
+    3 stay): fp16/bf16 convolutions are slow there."""
     symbol_size: int = 5
     """Size of every symbolic dim other than the batch (the k-th gets size + k)."""
     seed: int = 0

@@ -96,7 +96,8 @@ class ValidationReport(BaseModel):
     checks: list[CheckRecord]
     notes: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
-    """Seconds: ``checks_s`` (the sandbox's own work on the request), ``start_s``
+    """Seconds: ``checks_s`` (the sandbox's own work on the request; ``checks_cpu_s``
+    its CPU time, all threads), ``start_s``
     (waiting for the sandbox to be ready; ~0 for a warm spare), ``exchange_s``
     (request sent to process exit), ``total_s``."""
 

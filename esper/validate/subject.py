@@ -89,6 +89,23 @@ def bind_symbols(ir: BlueprintIR, batch: int, other: int) -> dict[str, int]:
     return symbols
 
 
+def fit_batches(ir: BlueprintIR, policy: ValidationPolicy, *, interpreted: bool,
+                gpu: bool) -> tuple[int, ...]:
+    """The policy's batch sizes that keep the inputs within the element budget
+    (CPU: ``cpu_max_elements``, so a [B, 64, 32, 32] conv block stays quick in
+    fp16); 1 and a non-power-of-two (3 if none fits) always remain."""
+    sizes = policy.interpret_batch_sizes if interpreted else policy.batch_sizes
+    if gpu:
+        return sizes
+    symbols = bind_symbols(ir, 1, policy.symbol_size)
+    per_batch = sum(math.prod(symbols[d] if isinstance(d, str) else d for d in spec.shape)
+                    for spec in ir.inputs)
+    kept = {1, *(b for b in sizes if b * per_batch <= policy.cpu_max_elements)}
+    if all(b & (b - 1) == 0 for b in kept):
+        kept.add(3)
+    return tuple(sorted(kept))
+
+
 @dataclass(frozen=True)
 class Inputs:
     """One set of inputs: ``module`` in the kernel's dtype on its device, and

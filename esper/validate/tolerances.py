@@ -10,7 +10,12 @@ reference ``ref``:
   tensor's scale instead of blowing up where the reference crosses zero).
 
 Elements where the reference is not finite, or beyond the dtype's range, are left
-out; a non-finite result where the reference is finite makes both infinite."""
+out; a non-finite result where the reference is finite makes both infinite.
+
+Gradients are judged against the scale of their whole backward pass (``scale``,
+the RMS of every reference gradient): a gradient that is analytically zero — a
+key bias under softmax, whose shift cancels — holds only rounding noise of that
+scale, and its own (zero) norm would make any noise look infinitely wrong."""
 
 from __future__ import annotations
 
@@ -69,6 +74,19 @@ class Comparison:
         return self.nonfinite == 0 and math.isfinite(self.error)
 
 
+def rms_of(tensors: list[torch.Tensor]) -> float:
+    """The RMS over every finite element of ``tensors`` together (float64)."""
+    import torch
+
+    total, count = 0.0, 0
+    for t in tensors:
+        v = t.detach().to("cpu", torch.float64)
+        v = v[torch.isfinite(v)]
+        total += float(v.square().sum())
+        count += v.numel()
+    return math.sqrt(total / count) if count else 0.0
+
+
 def representable(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Mask of reference elements a ``dtype`` result could hold: finite and in range."""
     import torch
@@ -77,8 +95,10 @@ def representable(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.isfinite(ref) & (ref.abs() <= limit)
 
 
-def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Comparison:
-    """``got`` (any device, any dtype) against ``ref`` (float64, CPU)."""
+def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+            scale: float = 0.0) -> Comparison:
+    """``got`` (any device, any dtype) against ``ref`` (float64, CPU); ``scale`` is
+    an RMS floor for the reference (0: its own RMS only)."""
     import torch
 
     got64 = got.detach().to(device="cpu", dtype=torch.float64)
@@ -96,8 +116,7 @@ def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Compari
         return Comparison(error=math.inf, element_error=math.inf, nonfinite=bad,
                           compared=compared)
     diff = g - r
-    norm = float(r.norm())
-    rms = norm / math.sqrt(compared)
-    element = float((diff.abs() / (r.abs() + max(rms, _FLOOR))).max())
-    return Comparison(error=float(diff.norm()) / max(norm, _FLOOR), element_error=element,
-                      nonfinite=0, compared=compared)
+    rms = max(float(r.norm()) / math.sqrt(compared), scale, _FLOOR)
+    element = float((diff.abs() / (r.abs() + rms)).max())
+    error = float(diff.norm()) / (rms * math.sqrt(compared))
+    return Comparison(error=error, element_error=element, nonfinite=0, compared=compared)

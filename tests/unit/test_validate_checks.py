@@ -18,12 +18,13 @@ import torch
 from esper.artifacts import signing
 from esper.compile.backend import CompileOptions
 from esper.compile.pipeline import CompileResult, compile_blueprint
-from esper.ir import BlueprintIR
+from esper.ir import BlueprintIR, bundled
 from esper.validate import report as r
 from esper.validate.checks import NUMERIC_CHECKS, check_integrity
 from esper.validate.policy import ValidationPolicy, check_module_name
 from esper.validate.protocol import ExpectedKernel
 from esper.validate.runner import SandboxRunner
+from esper.validate.subject import fit_batches
 from esper.validate.tolerances import ELEMENT_FACTOR, REL_TOLERANCE, compare, tolerance
 from tests.fixtures import faulty_backend
 
@@ -99,9 +100,10 @@ def expected_of(res: CompileResult, **changes: Any) -> ExpectedKernel:
 
 
 def run_checks(res: CompileResult, name: str, policy: ValidationPolicy | None = None,
+               blueprint: dict[str, Any] | None = None,
                **expected: Any) -> dict[str, r.CheckRecord]:
     rec, subject = check_integrity(res.packed, PUBLIC, expected_of(res, **expected),
-                                   BLUEPRINTS[name], device=CPU,
+                                   blueprint or BLUEPRINTS[name], device=CPU,
                                    policy=policy or ValidationPolicy())
     out = {rec.check: rec}
     if subject is not None:
@@ -159,6 +161,29 @@ def test_reference_kernels_pass_every_check(name: str, dtype: str) -> None:
     assert records["determinism"].figure == 0
     mode = records["graft_safety"].details["mode"]
     assert mode == ("delta" if name == "delta_head" else "residual")
+
+
+@pytest.mark.parametrize("name", sorted(bundled()))
+def test_every_bundled_blueprint_validates_on_cpu(name: str) -> None:
+    ir = bundled()[name]
+    res = compile_blueprint(ir, target="cpu", private_key=PRIVATE)
+    records = run_checks(res, name, blueprint=ir.to_dict())
+    assert not failed(records), {k: v.message for k, v in records.items() if v.failed}
+    assert records["graft_safety"].details["mode"] == "residual"
+
+
+def test_bundled_set_is_not_empty() -> None:
+    assert len(bundled()) >= 5
+
+
+def test_large_inputs_keep_1_and_a_non_power_of_two_batch_on_cpu() -> None:
+    policy = ValidationPolicy()
+    conv = bundled()["conv_block"]  # [B, 64, 32, 32]: 65536 elements a sample
+    assert fit_batches(conv, policy, interpreted=False, gpu=False) == (1, 3)
+    assert fit_batches(conv, policy, interpreted=False, gpu=True) == (1, 7, 16)
+    small = BlueprintIR.from_dict(BLUEPRINTS["residual_mlp"])
+    assert fit_batches(small, policy, interpreted=False, gpu=False) == (1, 7, 16)
+    assert fit_batches(small, policy, interpreted=True, gpu=False) == (1, 3, 4)
 
 
 # -- broken kernels -----------------------------------------------------------------------
