@@ -113,6 +113,8 @@ def _expr(p: TileProgram, i: int, name: dict[int, str], bc: int, col_masked: boo
         return f"_onehot_argmax({a[0]}, {a[1]}, cols2, cm2, {bc})"
     if op == "expand":
         return f"tl.broadcast_to({a[0]}, (BLOCK_R, {bc}))"
+    if op == "expand_col":
+        return f"({a[0]} + tl.zeros([1, {bc}], tl.float32))"
     src_kind = p.vals[v.args[0]].kind
     if op in ("rsum", "rmax"):
         if src_kind in ("row", "scalar"):
@@ -136,7 +138,7 @@ def _invariant(p: TileProgram) -> list[bool]:
             inv[i] = v.kind in ("col", "scalar")
         elif v.op == "const":
             inv[i] = True
-        elif v.op not in ("csum", "rsum", "rmax", "expand", "onehot_argmax"):
+        elif v.op not in ("csum", "rsum", "rmax", "expand", "expand_col", "onehot_argmax"):
             inv[i] = all(inv[a] for a in v.args)
     return inv
 

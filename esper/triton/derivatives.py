@@ -25,8 +25,12 @@ def reduce_to(p: TileProgram, g: int, kind: str) -> int:
         return p.op("expand", g)
     if kind == "row" and gk == "full":
         return p.op("rsum", g)
-    if kind == "col" and gk == "full":
-        return p.op("csum", g)
+    if kind == "col":
+        # a full grad sums over rows; a row-broadcast (or scalar) grad is the same
+        # for every column: its sum over rows, broadcast along the columns
+        if gk == "full":
+            return p.op("csum", g)
+        return p.op("expand_col", p.op("csum", g) if gk == "row" else g)
     if kind == "scalar":
         if gk in ("full", "col"):
             g = p.op("rsum", g)

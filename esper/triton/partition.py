@@ -140,22 +140,20 @@ def _lower_unit(p: TileProgram, u: _U, val: dict[str, int], c: int) -> int:
     raise NotImplementedError(f"no tile lowering for {op!r}")
 
 
-def _creates_cycle(members: set[int], units: dict[int, _U],
-                   consumers: dict[str, list[int]]) -> bool:
-    """Whether a path leaves ``members`` and comes back (merging would deadlock)."""
-    outside_start = [
-        c for uid in members for c in consumers.get(units[uid].out, []) if c not in members
-    ]
-    seen: set[int] = set()
-    stack = list(outside_start)
+def _creates_cycle(members: set[int], succ: dict[str, list[str]]) -> bool:
+    """Whether a path leaves the merged group and comes back into it (through
+    units or torch steps): such a merge would make the group wait for itself."""
+    inside = {f"u{m}" for m in members}
+    stack = [c for n in inside for c in succ.get(n, []) if c not in inside]
+    seen: set[str] = set()
     while stack:
         x = stack.pop()
+        if x in inside:
+            return True
         if x in seen:
             continue
         seen.add(x)
-        if x in members:
-            return True
-        stack.extend(consumers.get(units[x].out, []))
+        stack.extend(succ.get(x, []))
     return False
 
 
@@ -200,23 +198,18 @@ def partition(ir: BlueprintIR, attrs: dict[str, dict[str, Any]]) -> Plan:
     for uid, u in units.items():
         for v in u.inputs:
             consumers.setdefault(v, []).append(uid)
-    # torch steps consume too: route through a pseudo edge so cycle checks see them
+    # the step graph (units and torch steps) that cycle checks walk
     torch_out_consumers: dict[str, list[str]] = {}
-    for kind, s in steps_pre:
-        if kind == "torch":
-            for v in s.inputs:
-                torch_out_consumers.setdefault(v, []).append(s.out)
-
-    def all_consumers(value: str) -> list[int]:
-        # unit consumers, plus units reached through torch steps
-        out = list(consumers.get(value, []))
-        for t in torch_out_consumers.get(value, []):
-            if t in producer:
-                out.append(producer[t])
-            out.extend(all_consumers(t))
-        return out
-
-    cons = {u.out: all_consumers(u.out) for u in units.values()}
+    readers: dict[str, list[str]] = {}
+    out_of: dict[str, str] = {}
+    for kind, st in steps_pre:
+        node = f"u{st}" if kind == "unit" else f"t:{st.out}"
+        out_of[node] = units[st].out if kind == "unit" else st.out
+        for v in (units[st].inputs if kind == "unit" else st.inputs):
+            readers.setdefault(v, []).append(node)
+            if kind == "torch":
+                torch_out_consumers.setdefault(v, []).append(st.out)
+    succ = {node: readers.get(value, []) for node, value in out_of.items()}
     group_of = {uid: uid for uid in units}
     members: dict[int, set[int]] = {uid: {uid} for uid in units}
     for uid in sorted(units):
@@ -232,7 +225,7 @@ def partition(ir: BlueprintIR, attrs: dict[str, dict[str, Any]]) -> Plan:
             if ga == gb:
                 continue
             merged = members[ga] | members[gb]
-            if _creates_cycle(merged, units, cons):
+            if _creates_cycle(merged, succ):
                 continue
             for m in members[gb]:
                 group_of[m] = ga

@@ -72,6 +72,7 @@ OPS: dict[str, OpInfo] = {
     "rsqrt_bwd": OpInfo(2, _same),  # (y, g)
     "onehot_argmax": OpInfo(2, lambda x, m: "full" if "full" in (x, m) else join(x, m)),
     "expand": OpInfo(1, lambda k: "full"),
+    "expand_col": OpInfo(1, lambda k: "col"),  # scalar -> col (a row-broadcast grad's sum)
 }
 
 

@@ -62,6 +62,17 @@ HAND = {
         {"id": "s", "op": "add", "inputs": ["x", "y"]},
         {"id": "r", "op": "relu", "inputs": ["s"]},
         {"id": "d", "op": "add", "inputs": ["r", "r"]}], ["d", "s"]),
+    # regressions found by hypothesis: a path out of a group through a torch step
+    # and back (must not merge), and a row grad reaching a norm's col parameters
+    "through_torch": _ir([_x("x", ["B", 4])], [
+        {"id": "r", "op": "relu", "inputs": ["x"]},
+        {"id": "l", "op": "linear", "inputs": ["r"], "attrs": {"out_features": 4, "bias": False}},
+        {"id": "a", "op": "add", "inputs": ["l", "r"]}], ["a"]),
+    "norm_then_mean": _ir([_x("x", ["B", 6])], [
+        {"id": "n", "op": "layer_norm", "inputs": ["x"], "attrs": {"normalized_shape": [6]}},
+        {"id": "s", "op": "sigmoid", "inputs": ["n"]},
+        {"id": "m", "op": "mean", "inputs": ["s"], "attrs": {"dim": [-1], "keepdim": True}}],
+        ["m"]),
     "attention": _ir([_x("q", ["B", 8, 16]), _x("k", ["B", 8, 16]), _x("v", ["B", 8, 16])], [
         {"id": "kt", "op": "permute", "inputs": ["k"], "attrs": {"dims": [0, 2, 1]}},
         {"id": "s", "op": "matmul", "inputs": ["q", "kt"]},

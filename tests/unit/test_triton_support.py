@@ -34,8 +34,11 @@ def compile_and_load(ir: BlueprintIR, dtype: str = "float32") -> tuple[Any, dict
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-relative error; values that should be ~0 (the mean of a layer_norm's
+    output) are judged against a floor of 1e-2 per element instead."""
     a64, b64 = a.detach().double(), b.detach().double()
-    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-12))
+    floor = 1e-2 * max(1, b64.numel()) ** 0.5
+    return float((a64 - b64).norm() / max(float(b64.norm()), floor))
 
 
 def check_against_float64(module: Any, batch: int = 5, seed: int = 0) -> None:
