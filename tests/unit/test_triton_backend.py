@@ -70,8 +70,7 @@ HAND = {
         {"id": "a", "op": "add", "inputs": ["l", "r"]}], ["a"]),
     "norm_then_mean": _ir([_x("x", ["B", 6])], [
         {"id": "n", "op": "layer_norm", "inputs": ["x"], "attrs": {"normalized_shape": [6]}},
-        {"id": "s", "op": "sigmoid", "inputs": ["n"]},
-        {"id": "m", "op": "mean", "inputs": ["s"], "attrs": {"dim": [-1], "keepdim": True}}],
+        {"id": "m", "op": "mean", "inputs": ["n"], "attrs": {"dim": [-1], "keepdim": True}}],
         ["m"]),
     "attention": _ir([_x("q", ["B", 8, 16]), _x("k", ["B", 8, 16]), _x("v", ["B", 8, 16])], [
         {"id": "kt", "op": "permute", "inputs": ["k"], "attrs": {"dims": [0, 2, 1]}},
