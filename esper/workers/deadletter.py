@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.bus import events as ev
 from esper.db.models import DeadLetter
-from esper.workers import outbox
+from esper.workers import inbox, outbox
 
 _dead = DeadLetter.__table__
 
@@ -29,9 +29,10 @@ class DeadLetterInfo:
     correlation_id: str | None = None
 
 
-async def record(session: AsyncSession, info: DeadLetterInfo) -> bool:
+async def record(session: AsyncSession, info: DeadLetterInfo) -> list[outbox.OutboxRow]:
     """Insert the dead letter (once per stage and stream sequence) and queue its
-    notice in the outbox, in the caller's transaction. False if already recorded."""
+    notice in the outbox, in the caller's transaction. Returns the outbox rows
+    (none if this message was dead-lettered before)."""
     stmt = (
         insert(_dead)
         .values(
@@ -47,7 +48,7 @@ async def record(session: AsyncSession, info: DeadLetterInfo) -> bool:
         .returning(_dead.c.id)
     )
     if (await session.execute(stmt)).scalar() is None:
-        return False
+        return []
     notice = ev.DeadLettered(
         correlation_id=info.correlation_id or info.event_id or "unknown",
         stage=info.stage,
@@ -59,5 +60,18 @@ async def record(session: AsyncSession, info: DeadLetterInfo) -> bool:
         payload_size=len(info.payload),
         payload_excerpt=info.payload[:_EXCERPT].decode("utf-8", errors="replace"),
     )
-    await outbox.write(session, [notice])
-    return True
+    return await outbox.write(session, [notice])
+
+
+async def record_exhausted(
+    session: AsyncSession, stage: str, subject: str, data: bytes, *, seq: int, max_deliver: int
+) -> list[outbox.OutboxRow]:
+    """Dead-letter a message the server stopped delivering (its last delivery
+    was never settled: a worker died or hung on it) unless the stage had in
+    fact committed it and only the ack was lost."""
+    event_id, correlation = ev.peek_ids(data)
+    if event_id is not None and await inbox.is_processed(session, stage, event_id):
+        return []
+    reason = f"not acked after {max_deliver} deliveries (a worker died or hung while handling it)"
+    info = DeadLetterInfo(stage, subject, data, reason, max_deliver, seq, event_id, correlation)
+    return await record(session, info)

@@ -8,8 +8,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.db.models import InboxEntry
@@ -17,20 +16,31 @@ from esper.db.models import InboxEntry
 _inbox = InboxEntry.__table__
 
 
+# One statement for any batch size (arrays, not a VALUES list): prepared once.
+_CLAIM = text(
+    """
+    INSERT INTO inbox (stage, event_id, subject)
+    SELECT :stage, e, s
+    FROM unnest(CAST(:event_ids AS uuid[]), CAST(:subjects AS varchar[])) AS x(e, s)
+    ON CONFLICT (stage, event_id) DO NOTHING
+    RETURNING event_id
+    """
+)
+
+
 async def claim(
     session: AsyncSession, stage: str, events: Sequence[tuple[uuid.UUID, str]]
 ) -> set[uuid.UUID]:
     """Insert inbox rows for ``(event_id, subject)`` pairs; returns the ids that
-    were new (those the stage must handle). One statement for the whole batch."""
+    were new (those the stage must handle)."""
     if not events:
         return set()
-    stmt = (
-        insert(_inbox)
-        .values([{"stage": stage, "event_id": eid, "subject": subj} for eid, subj in events])
-        .on_conflict_do_nothing(index_elements=["stage", "event_id"])
-        .returning(_inbox.c.event_id)
-    )
-    return set((await session.execute(stmt)).scalars())
+    params = {
+        "stage": stage,
+        "event_ids": [e for e, _ in events],
+        "subjects": [s for _, s in events],
+    }
+    return set((await session.execute(_CLAIM, params)).scalars())
 
 
 async def prune(session: AsyncSession, older_than: timedelta) -> int:

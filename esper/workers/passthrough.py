@@ -2,33 +2,30 @@
 step in Postgres and emit the next event without compiling or checking
 anything, so the pipeline runs end to end before the real stages exist.
 
-Kernel status only moves forward (compiled → validated → ready); a repeated
-submission of a known blueprint still walks every stage (one kernel_events row
-and one event per step) but creates no second kernel or deployment."""
+Each is set-based: a batch costs a few statements, whatever its size (the
+runtime calls ``handle_many``; one event is a batch of one). Kernel status
+only moves forward (compiled → validated → ready); a repeated submission of
+a known blueprint still walks every stage (one kernel_events row and one event
+per step) but creates no second kernel, validation or deployment."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.bus import events as ev
-from esper.db.models import Blueprint, Deployment, Kernel, KernelEvent, Validation
 from esper.errors import IRValidationError, Reject
-from esper.workers.runtime import Handler, HandlerContext
+from esper.workers.handler import HandlerContext
 
 BACKEND = "passthrough"
-
-_blueprints = Blueprint.__table__
-_kernels = Kernel.__table__
-_kernel_events = KernelEvent.__table__
-_validations = Validation.__table__
-_deployments = Deployment.__table__
 
 
 def passthrough_cache_key(blueprint_hash: str, target: str, dtype: str) -> str:
@@ -37,201 +34,334 @@ def passthrough_cache_key(blueprint_hash: str, target: str, dtype: str) -> str:
     return hashlib.sha256(f"{blueprint_hash}|{target}|{dtype}|{BACKEND}".encode()).hexdigest()
 
 
-def _check_blueprint(event: ev.BlueprintSubmitted) -> Any:
-    """The parsed blueprint; Reject if it is invalid or not the hash it claims."""
+def _blueprint(ir: dict[str, Any] | str) -> Any:
     from esper.ir import BlueprintIR
 
+    return BlueprintIR.from_json(ir) if isinstance(ir, str) else BlueprintIR.from_dict(ir)
+
+
+def _check_blueprint(event: ev.BlueprintSubmitted) -> None:
+    """Reject a blueprint that is invalid or not the hash it claims."""
     try:
-        blueprint = BlueprintIR.from_dict(event.ir)
+        actual = _blueprint(event.ir).canonical_hash()
     except IRValidationError as exc:
         raise Reject(f"invalid blueprint: {exc}") from exc
-    actual = blueprint.canonical_hash()
     if actual != event.blueprint_hash:
         raise Reject(f"blueprint hash mismatch: submitted {event.blueprint_hash}, is {actual}")
-    return blueprint
 
 
-async def _record(
-    ctx: HandlerContext[Any], kernel_id: uuid.UUID, event: str, status: str,
-    correlation_id: str, **detail: Any,
-) -> None:
-    await ctx.session.execute(
-        insert(_kernel_events).values(
-            kernel_id=kernel_id, event=event, status=status,
-            correlation_id=correlation_id, detail={"stage": ctx.stage, **detail},
-        )
-    )
-
-
-# Move a kernel's status forward from one of :from_states; returns the status
-# it has afterwards (moved or not) and whether it moved. No row: kernel unknown.
-_ADVANCE = text(
+_RECORD = text(
     """
-    WITH moved AS (
-        UPDATE kernels SET status = :to, updated_at = now()
-        WHERE id = :id AND status = ANY(:from_states)
-        RETURNING status
-    )
-    SELECT status, true AS moved FROM moved
-    UNION ALL
-    SELECT status, false FROM kernels WHERE id = :id AND NOT EXISTS (SELECT 1 FROM moved)
+    INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
+    SELECT k, :event, s, c, d
+    FROM unnest(CAST(:kernel_ids AS uuid[]), CAST(:statuses AS varchar[]),
+                CAST(:correlation_ids AS varchar[]), CAST(:details AS jsonb[])) AS x(k, s, c, d)
     """
 )
 
 
-async def _advance(
-    ctx: HandlerContext[Any], kernel_id: uuid.UUID, to: str, from_states: Sequence[str]
-) -> tuple[str, bool]:
-    row = (
-        await ctx.session.execute(
-            _ADVANCE, {"id": kernel_id, "to": to, "from_states": list(from_states)}
-        )
-    ).first()
-    if row is None:
-        raise Reject(f"kernel {kernel_id} is unknown")
-    return row.status, row.moved
+async def _record(
+    session: AsyncSession, event: str, rows: Sequence[tuple[uuid.UUID, str, str, dict[str, Any]]]
+) -> None:
+    """One kernel_events row per (kernel_id, status, correlation_id, detail)."""
+    await session.execute(
+        _RECORD,
+        {
+            "event": event,
+            "kernel_ids": [r[0] for r in rows],
+            "statuses": [r[1] for r in rows],
+            "correlation_ids": [r[2] for r in rows],
+            "details": [json.dumps(r[3]) for r in rows],
+        },
+    )
 
 
-def compile_handler(targets: Sequence[str] = ("cpu",)) -> Handler:
-    """compile: upsert the blueprint, claim one kernel per (target, dtype) (an
+class _PassThrough:
+    """A handler whose per-event form is a batch of one."""
+
+    batch = 32  # messages per transaction it handles best (the runtime's default)
+
+    async def __call__(self, event: Any, ctx: HandlerContext[Any]) -> None:
+        await self.handle_many([event], ctx)
+
+    async def handle_many(self, events: Sequence[Any], ctx: HandlerContext[Any]) -> None:
+        raise NotImplementedError
+
+
+_UPSERT_BLUEPRINTS = text(
+    """
+    INSERT INTO blueprints (hash, name, ir, submit_count)
+    SELECT h, n, i, c
+    FROM unnest(CAST(:hashes AS varchar[]), CAST(:names AS varchar[]),
+                CAST(:irs AS jsonb[]), CAST(:counts AS int[])) AS x(h, n, i, c)
+    ON CONFLICT (hash) DO UPDATE
+    SET last_submitted_at = now(), submit_count = blueprints.submit_count + EXCLUDED.submit_count
+    """
+)
+
+# New kernels are inserted; known ones (cache hits) come back as they are.
+_CLAIM_KERNELS = text(
+    """
+    WITH new AS (
+        INSERT INTO kernels (id, blueprint_hash, cache_key, target, dtype, backend, status)
+        SELECT i, h, k, t, d, :backend, 'compiled'
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:hashes AS varchar[]), CAST(:keys AS varchar[]),
+                    CAST(:targets AS varchar[]), CAST(:dtypes AS varchar[])) AS x(i, h, k, t, d)
+        ON CONFLICT (cache_key) DO NOTHING
+        RETURNING id, cache_key, status
+    )
+    SELECT id, cache_key, status, true AS created FROM new
+    UNION ALL
+    SELECT id, cache_key, status, false FROM kernels
+    WHERE cache_key = ANY(CAST(:keys AS varchar[]))
+      AND cache_key NOT IN (SELECT cache_key FROM new)
+    """
+)
+
+
+class CompilePassThrough(_PassThrough):
+    """compile: upsert the blueprints, claim one kernel per (target, dtype) (an
     existing one is a cache hit), emit KernelCompiled for each."""
-    targets = tuple(targets)
 
-    async def handle(event: ev.BlueprintSubmitted, ctx: HandlerContext[Any]) -> None:
+    def __init__(self, targets: Sequence[str] = ("cpu",)) -> None:
+        self.targets = tuple(targets)
+
+    async def handle_many(
+        self, events: Sequence[ev.BlueprintSubmitted], ctx: HandlerContext[Any]
+    ) -> None:
         started = time.perf_counter()
-        _check_blueprint(event)
+        for event in events:
+            _check_blueprint(event)
         s = ctx.session
-        upsert = insert(_blueprints).values(
-            hash=event.blueprint_hash, name=event.name, ir=event.ir
-        )
+        counts = Counter(e.blueprint_hash for e in events)
+        firsts = {e.blueprint_hash: e for e in reversed(events)}
         await s.execute(
-            upsert.on_conflict_do_update(
-                index_elements=["hash"],
-                set_={
-                    "last_submitted_at": func.now(),
-                    "submit_count": _blueprints.c.submit_count + 1,
-                },
-            )
+            _UPSERT_BLUEPRINTS,
+            {
+                "hashes": list(counts),
+                "names": [firsts[h].name for h in counts],
+                "irs": [json.dumps(firsts[h].ir) for h in counts],
+                "counts": list(counts.values()),
+            },
         )
-        for target in targets:
-            for dtype in event.dtypes:
-                key = passthrough_cache_key(event.blueprint_hash, target, dtype)
-                claim = (
-                    insert(_kernels)
-                    .values(
-                        id=uuid.uuid4(), blueprint_hash=event.blueprint_hash, cache_key=key,
-                        target=target, dtype=dtype, backend=BACKEND, status="compiled",
-                    )
-                    .on_conflict_do_nothing(index_elements=["cache_key"])
-                    .returning(_kernels.c.id, _kernels.c.status)
+        wanted = [
+            (e, target, dtype, passthrough_cache_key(e.blueprint_hash, target, dtype))
+            for e in events
+            for target in self.targets
+            for dtype in e.dtypes
+        ]
+        unique = {key: (e.blueprint_hash, target, dtype) for e, target, dtype, key in wanted}
+        result = await s.execute(
+            _CLAIM_KERNELS,
+            {
+                "backend": BACKEND,
+                "ids": [uuid.uuid4() for _ in unique],
+                "hashes": [v[0] for v in unique.values()],
+                "keys": list(unique),
+                "targets": [v[1] for v in unique.values()],
+                "dtypes": [v[2] for v in unique.values()],
+            },
+        )
+        kernels = {r.cache_key: r for r in result}
+        compile_ms = (time.perf_counter() - started) * 1000 / len(events)
+        created: set[str] = set()
+        records = []
+        for event, target, dtype, key in wanted:
+            k = kernels[key]
+            # Within a batch, only the first claim of a new kernel is a miss.
+            hit = not k.created or key in created
+            created.add(key)
+            detail = {"stage": ctx.stage, "cache_hit": hit, "event_id": str(event.event_id)}
+            records.append((k.id, k.status, event.correlation_id, detail))
+            ctx.emit(
+                ev.KernelCompiled(
+                    correlation_id=event.correlation_id, kernel_id=k.id, cache_key=key,
+                    blueprint_hash=event.blueprint_hash, target=target, dtype=dtype,
+                    backend=BACKEND, cache_hit=hit, compile_ms=compile_ms,
                 )
-                row = (await s.execute(claim)).first()
-                cache_hit = row is None
-                if row is None:
-                    row = (
-                        await s.execute(
-                            select(_kernels.c.id, _kernels.c.status).where(
-                                _kernels.c.cache_key == key
-                            )
-                        )
-                    ).one()
-                compile_ms = (time.perf_counter() - started) * 1000
-                await _record(
-                    ctx, row.id, "compiled", row.status, event.correlation_id,
-                    cache_hit=cache_hit, event_id=str(event.event_id),
-                )
-                ctx.emit(
-                    ev.KernelCompiled(
-                        correlation_id=event.correlation_id, kernel_id=row.id, cache_key=key,
-                        blueprint_hash=event.blueprint_hash, target=target, dtype=dtype,
-                        backend=BACKEND, cache_hit=cache_hit, compile_ms=compile_ms,
-                    )
-                )
-
-    return handle
+            )
+        await _record(s, "compiled", records)
 
 
-def validate_handler() -> Handler:
+_VALIDATE = text(
+    """
+    WITH moved AS (
+        UPDATE kernels SET status = 'validated', updated_at = now()
+        WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'compiled'
+        RETURNING id
+    ), checked AS (
+        INSERT INTO validations (kernel_id, device, passed, checks, reasons)
+        SELECT id, 'none', true, '[]', '[]' FROM moved
+    ), cur AS (
+        SELECT k.id, CASE WHEN m.id IS NULL THEN k.status ELSE 'validated' END AS status
+        FROM kernels k LEFT JOIN moved m ON m.id = k.id
+        WHERE k.id = ANY(CAST(:ids AS uuid[]))
+    )
+    INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
+    SELECT x.k, 'validated', cur.status, x.c, x.d
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:correlation_ids AS varchar[]),
+                CAST(:details AS jsonb[])) AS x(k, c, d)
+    JOIN cur ON cur.id = x.k
+    RETURNING kernel_id
+    """
+)
+
+
+def _unknown(events: Sequence[Any], found: set[uuid.UUID]) -> None:
+    missing = [str(e.kernel_id) for e in events if e.kernel_id not in found]
+    if missing:
+        raise Reject(f"unknown kernel(s): {', '.join(missing)}")
+
+
+def _details(events: Sequence[Any], stage: str) -> list[str]:
+    return [json.dumps({"stage": stage, "event_id": str(e.event_id)}) for e in events]
+
+
+class ValidatePassThrough(_PassThrough):
     """validate: record a passing validation with no checks, emit KernelValidated."""
 
-    async def handle(event: ev.KernelCompiled, ctx: HandlerContext[Any]) -> None:
-        status, moved = await _advance(ctx, event.kernel_id, "validated", ("compiled",))
-        if moved:
-            await ctx.session.execute(
-                insert(_validations).values(
-                    kernel_id=event.kernel_id, device="none", passed=True, checks=[], reasons=[]
+    async def handle_many(
+        self, events: Sequence[ev.KernelCompiled], ctx: HandlerContext[Any]
+    ) -> None:
+        result = await ctx.session.execute(
+            _VALIDATE,
+            {
+                "ids": [e.kernel_id for e in events],
+                "correlation_ids": [e.correlation_id for e in events],
+                "details": _details(events, ctx.stage),
+            },
+        )
+        _unknown(events, set(result.scalars()))
+        for e in events:
+            ctx.emit(
+                ev.KernelValidated(
+                    correlation_id=e.correlation_id, kernel_id=e.kernel_id,
+                    cache_key=e.cache_key, blueprint_hash=e.blueprint_hash, target=e.target,
+                    dtype=e.dtype, backend=e.backend, artifact_digest=e.artifact_digest,
+                    checks=[], device="none",
                 )
             )
-        await _record(
-            ctx, event.kernel_id, "validated", status, event.correlation_id,
-            event_id=str(event.event_id),
+
+
+_READY = text(
+    """
+    WITH moved AS (
+        UPDATE kernels SET status = 'ready', updated_at = now()
+        WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('compiled', 'validated')
+        RETURNING id
+    ), cur AS (
+        SELECT k.id, k.blueprint_hash, m.id IS NOT NULL AS moved,
+               CASE WHEN m.id IS NULL THEN k.status ELSE 'ready' END AS status
+        FROM kernels k LEFT JOIN moved m ON m.id = k.id
+        WHERE k.id = ANY(CAST(:ids AS uuid[]))
+    ), recorded AS (
+        INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
+        SELECT x.k, 'ready', cur.status, x.c, x.d
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:correlation_ids AS varchar[]),
+                    CAST(:details AS jsonb[])) AS x(k, c, d)
+        JOIN cur ON cur.id = x.k
+    )
+    SELECT cur.id, cur.moved, b.ir FROM cur JOIN blueprints b ON b.hash = cur.blueprint_hash
+    """
+)
+
+_DEPLOY = text(
+    """
+    INSERT INTO deployments (kernel_id, target, seed_schema)
+    SELECT k, t, s
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:targets AS varchar[]),
+                CAST(:schemas AS jsonb[])) AS x(k, t, s)
+    """
+)
+
+
+class DeployPassThrough(_PassThrough):
+    """deploy: mark the kernels ready, record a deployment for each newly
+    ready one, emit KernelReady with the kernel's input/output schemas."""
+
+    def __init__(self, cache_size: int = 4096) -> None:
+        # Shape inference per (blueprint, dtype), remembered: kernels of one
+        # blueprint are many, and re-deploys are common.
+        self._schemas: dict[tuple[str, str], tuple[list[Any], list[Any]]] = {}
+        self._cache_size = cache_size
+
+    def schemas(self, blueprint_hash: str, ir: Any, dtype: str) -> tuple[list[Any], list[Any]]:
+        key = (blueprint_hash, dtype)
+        found = self._schemas.get(key)
+        if found is None:
+            if len(self._schemas) >= self._cache_size:
+                self._schemas.pop(next(iter(self._schemas)))
+            found = self._schemas[key] = _schemas(ir, dtype)
+        return found
+
+    async def handle_many(
+        self, events: Sequence[ev.KernelValidated], ctx: HandlerContext[Any]
+    ) -> None:
+        result = await ctx.session.execute(
+            _READY,
+            {
+                "ids": [e.kernel_id for e in events],
+                "correlation_ids": [e.correlation_id for e in events],
+                "details": _details(events, ctx.stage),
+            },
         )
-        ctx.emit(
-            ev.KernelValidated(
-                correlation_id=event.correlation_id, kernel_id=event.kernel_id,
-                cache_key=event.cache_key, blueprint_hash=event.blueprint_hash,
-                target=event.target, dtype=event.dtype, backend=event.backend,
-                artifact_digest=event.artifact_digest, checks=[], device="none",
-            )
-        )
-
-    return handle
-
-
-def deploy_handler() -> Handler:
-    """deploy: mark the kernel ready, record a deployment, emit KernelReady
-    with the kernel's input/output schemas."""
-
-    async def handle(event: ev.KernelValidated, ctx: HandlerContext[Any]) -> None:
-        status, moved = await _advance(
-            ctx, event.kernel_id, "ready", ("compiled", "validated")
-        )
-        ir = (
-            await ctx.session.execute(
-                select(_blueprints.c.ir).where(_blueprints.c.hash == event.blueprint_hash)
-            )
-        ).scalar_one()
-        inputs, outputs = _schemas(ir, event.dtype)
-        if moved:
-            await ctx.session.execute(
-                insert(_deployments).values(
-                    kernel_id=event.kernel_id, target=event.target,
-                    seed_schema={
-                        "inputs": [t.model_dump() for t in inputs],
-                        "outputs": [t.model_dump() for t in outputs],
-                    },
+        found = {r.id: r for r in result}
+        _unknown(events, set(found))
+        deployed: dict[uuid.UUID, tuple[str, str]] = {}
+        for e in events:
+            inputs, outputs = self.schemas(e.blueprint_hash, found[e.kernel_id].ir, e.dtype)
+            if found[e.kernel_id].moved and e.kernel_id not in deployed:
+                schema = {
+                    "inputs": [t.model_dump() for t in inputs],
+                    "outputs": [t.model_dump() for t in outputs],
+                }
+                deployed[e.kernel_id] = (e.target, json.dumps(schema))
+            ctx.emit(
+                ev.KernelReady(
+                    correlation_id=e.correlation_id, kernel_id=e.kernel_id,
+                    cache_key=e.cache_key, blueprint_hash=e.blueprint_hash, target=e.target,
+                    dtype=e.dtype, backend=e.backend, input_schemas=inputs,
+                    output_schemas=outputs, artifact_digest=e.artifact_digest,
+                    artifact_location=None,
                 )
             )
-        await _record(
-            ctx, event.kernel_id, "ready", status, event.correlation_id,
-            event_id=str(event.event_id),
-        )
-        ctx.emit(
-            ev.KernelReady(
-                correlation_id=event.correlation_id, kernel_id=event.kernel_id,
-                cache_key=event.cache_key, blueprint_hash=event.blueprint_hash,
-                target=event.target, dtype=event.dtype, backend=event.backend,
-                input_schemas=inputs, output_schemas=outputs,
-                artifact_digest=event.artifact_digest, artifact_location=None,
+        if deployed:
+            await ctx.session.execute(
+                _DEPLOY,
+                {
+                    "ids": list(deployed),
+                    "targets": [v[0] for v in deployed.values()],
+                    "schemas": [v[1] for v in deployed.values()],
+                },
             )
-        )
-
-    return handle
 
 
-def _schemas(ir: dict[str, Any], dtype: str) -> tuple[list[ev.TensorSpec], list[ev.TensorSpec]]:
+def _schemas(
+    ir: dict[str, Any] | str, dtype: str
+) -> tuple[list[ev.TensorSpec], list[ev.TensorSpec]]:
     """Input and output schemas by the IR's shape inference, floats in the
     kernel's dtype (integer and bool tensors keep theirs)."""
-    from esper.ir import BlueprintIR
 
     def spec(schema: Any) -> ev.TensorSpec:
         declared = schema.dtype.value
         kept = declared if declared in ("int64", "bool") else dtype
         return ev.TensorSpec(shape=tuple(schema.shape), dtype=kept)  # type: ignore[arg-type]
 
-    blueprint = BlueprintIR.from_dict(ir)
+    blueprint = _blueprint(ir)
     shapes = blueprint.infer_shapes()
     return (
         [spec(shapes[i.name]) for i in blueprint.inputs],
         [spec(shapes[name]) for name in blueprint.outputs],
     )
+
+
+def compile_handler(targets: Sequence[str] = ("cpu",)) -> CompilePassThrough:
+    return CompilePassThrough(targets)
+
+
+def validate_handler() -> ValidatePassThrough:
+    return ValidatePassThrough()
+
+
+def deploy_handler() -> DeployPassThrough:
+    return DeployPassThrough()

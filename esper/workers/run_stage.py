@@ -58,7 +58,8 @@ async def serve_stage(
             nats_url=nats_url,  # type: ignore[arg-type]
             session_factory=session_factory(engine),
             concurrency=concurrency or stage.concurrency,
-            batch=batch or stage.batch,
+            # A handler may know its best batch (the pass-through's set-based SQL).
+            batch=batch or getattr(handler, "batch", None) or stage.batch,
             topology=topology,
             metrics_port=settings.metrics_port,
             handle_signals=handle_signals,

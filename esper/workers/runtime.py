@@ -1,6 +1,6 @@
 """The worker runtime: one stage, one typed async handler, exactly-once effects.
 
-Lifecycle (like arq's): connect → ensure the stage's stream and consumer →
+Lifecycle (like arq's): connect → ensure the stage's streams and consumer →
 pull → handle → commit → ack, with an outbox relay, heartbeats and a lag
 probe running beside it; ``stop()`` (or SIGTERM/SIGINT) stops pulling,
 finishes everything in hand, flushes the outbox and drains the connection.
@@ -8,11 +8,15 @@ finishes everything in hand, flushes the outbox and drains the connection.
 Per message: decode (malformed → dead letter + term at once); in ONE
 transaction claim the inbox row (a redelivery of a committed event is
 skipped), run the handler, write the events it emitted to the outbox; commit;
-only then ack. A fetched batch is split over ``concurrency`` transactions of
-up to ``batch`` messages each: one commit per group instead of per message.
-If a handler fails, the transaction is rolled back, that message alone is
-nak'ed with a delay (transient) or dead-lettered (permanent, or after
-``max_deliver``), and the rest of its group is run again without it."""
+only then ack, and hand the new outbox rows to the relay. Messages are taken
+in groups of up to ``batch``, one transaction per group, ``concurrency``
+groups at a time: one commit (and one fsync) per group instead of per message.
+
+Failures: a handler's Retry or transient error rolls the group back and naks
+that message with a delay (others run again without it); a Reject or bad
+value dead-letters it, as does the last allowed delivery. If Postgres itself
+is away the group is held (heartbeats keep it) and retried until it returns,
+so an outage burns no deliveries."""
 
 from __future__ import annotations
 
@@ -23,9 +27,8 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -38,45 +41,14 @@ from esper.bus.pull import PullConsumer
 from esper.bus.topology import Topology, consumer_spec, ensure_topology
 from esper.errors import Retry
 from esper.workers import deadletter, inbox, outbox
-from esper.workers.failures import (
-    Verdict,
-    classify,
-    describe,
-    is_database_outage,
-    is_transient,
-)
+from esper.workers.failures import Verdict, classify, describe, is_database_outage
+from esper.workers.handler import Handler, HandlerContext, batch_capable
 from esper.workers.logging import log_context
 from esper.workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-E = TypeVar("E", bound=ev.EsperEvent)
-
-
-class HandlerContext(Generic[E]):
-    """What a handler gets beside its event: the session of the one transaction
-    that also records the inbox row and the outbox rows (never commit it
-    yourself), ``emit`` to publish after commit, ``heartbeat`` for long work."""
-
-    def __init__(self, session: AsyncSession, msg: Msg, stage: str, num_delivered: int) -> None:
-        self.session = session
-        self.stage = stage
-        self.num_delivered = num_delivered
-        self.emitted: list[ev.EsperEvent] = []
-        self._msg = msg
-
-    def emit(self, event: ev.EsperEvent) -> None:
-        """Queue ``event`` in the outbox; it is published only if this commits."""
-        ev.encode(event)  # fail now, in the handler, if it cannot go on the wire
-        self.emitted.append(event)
-
-    async def heartbeat(self) -> None:
-        """Tell JetStream this message is still being worked on (resets ack_wait)."""
-        with contextlib.suppress(Exception):
-            await self._msg.in_progress()
-
-
-Handler = Callable[[Any, HandlerContext[Any]], Awaitable[None]]
+__all__ = ["Handler", "HandlerContext", "Worker"]
 
 
 @dataclass(eq=False)
@@ -91,7 +63,9 @@ class _Delivery:
 
 
 class _HandlerFailed(Exception):
-    def __init__(self, delivery: _Delivery, exc: BaseException) -> None:
+    """A handler raised; ``delivery`` is None when it was a whole-batch call."""
+
+    def __init__(self, delivery: _Delivery | None, exc: BaseException) -> None:
         super().__init__(str(exc))
         self.delivery = delivery
         self.exc = exc
@@ -102,6 +76,7 @@ class _Outcome:
     ack: list[_Delivery] = field(default_factory=list)
     dead: list[tuple[_Delivery, str]] = field(default_factory=list)
     nak: list[tuple[_Delivery, float]] = field(default_factory=list)
+    rows: list[outbox.OutboxRow] = field(default_factory=list)
 
 
 class Worker:
@@ -109,14 +84,14 @@ class Worker:
 
     ``concurrency`` transactions run at once, each over up to ``batch``
     messages; at most ``prefetch`` messages are held unacked (default
-    ``2 * concurrency * batch``). A long handler wants ``batch=1``."""
+    ``2 * concurrency * batch``). A slow handler (a compile) wants ``batch=1``."""
 
     def __init__(
         self,
         stage: str,
         handler: Handler,
         *,
-        nats_url: str,
+        nats_url: str | list[str],
         session_factory: async_sessionmaker[AsyncSession],
         concurrency: int = 4,
         batch: int = 32,
@@ -146,12 +121,11 @@ class Worker:
         self.name = name or f"esper-{stage}-{uuid.uuid4().hex[:8]}"
         self.metrics = WorkerMetrics(stage)
         self.started = asyncio.Event()
+        self.relay: outbox.OutboxRelay | None = None
         self._sf = session_factory
         self._stop = asyncio.Event()
         self._processing: dict[int, Msg] = {}
-        self._nc: NATS | None = None
         self._puller: PullConsumer | None = None
-        self.relay: outbox.OutboxRelay | None = None
 
     # -- lifecycle -----------------------------------------------------------
     def stop(self) -> None:
@@ -164,9 +138,7 @@ class Worker:
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        nc = self._nc = await connect(
-            self.nats_url, name=self.name, on_reconnected=self._on_reconnected
-        )
+        nc = await connect(self.nats_url, name=self.name, on_reconnected=self._on_reconnected)
         js = nc.jetstream()
         background: list[asyncio.Task[Any]] = []
         try:
@@ -175,17 +147,17 @@ class Worker:
                 self.metrics.serve(self.metrics_port)
             if self.run_relay:
                 self.relay = outbox.OutboxRelay(self._sf, js, metrics=self.metrics)
-                relay_task = asyncio.create_task(self.relay.run(), name="outbox-relay")
+                background.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
             puller = self._puller = PullConsumer(
                 nc, self.spec.stream, self.stage, max_in_hand=self.prefetch
             )
             await puller.start()
             processors = [
-                asyncio.create_task(self._process_loop(), name=f"{self.stage}-proc-{i}")
+                asyncio.create_task(self._process_loop(puller), name=f"{self.stage}-{i}")
                 for i in range(self.concurrency)
             ]
-            background = [
-                asyncio.create_task(self._heartbeat_loop(), name="heartbeats"),
+            background += [
+                asyncio.create_task(self._heartbeat_loop(puller), name="heartbeats"),
                 asyncio.create_task(self._lag_loop(js), name="lag"),
             ]
             await self._watch_max_deliveries(nc, js)
@@ -200,7 +172,7 @@ class Worker:
             await asyncio.gather(*processors)
             if self.relay is not None:
                 self.relay.stop()
-                await relay_task
+                await background.pop(0)  # the relay's last publish
         finally:
             for task in background:
                 task.cancel()
@@ -231,9 +203,8 @@ class Worker:
             self._puller.reset()  # the server forgot our pull requests
 
     # -- processing ----------------------------------------------------------
-    async def _process_loop(self) -> None:
-        assert self._puller is not None
-        queue = self._puller.queue
+    async def _process_loop(self, puller: PullConsumer) -> None:
+        queue = puller.queue
         while True:
             first = await queue.get()
             if first is None:
@@ -242,7 +213,7 @@ class Worker:
             while len(group) < self.batch and not queue.empty():
                 nxt = queue.get_nowait()
                 if nxt is None:
-                    queue.put_nowait(nxt)  # leave the stop signal for this loop's next turn
+                    queue.put_nowait(nxt)  # the stop signal: this loop sees it next turn
                     break
                 group.append(nxt)
             for m in group:
@@ -255,7 +226,7 @@ class Worker:
             finally:
                 for m in group:
                     self._processing.pop(id(m), None)
-                self._puller.release(len(group))
+                puller.release(len(group))
 
     def _delivery(self, msg: Msg) -> _Delivery:
         try:
@@ -274,27 +245,30 @@ class Worker:
         deliveries = [self._delivery(m) for m in msgs]
         work = [d for d in deliveries if d.event is not None]
         out = _Outcome(dead=[(d, describe(d.error)) for d in deliveries if d.event is None])
+        whole_batch = batch_capable(self.handler)
         outage = 0
         while True:
             try:
-                await self._transaction(work, out.dead)
+                out.rows = await self._transaction(work, out.dead, whole_batch)
                 break
             except _HandlerFailed as failed:
-                # Inside a handler only SQLAlchemy's own errors speak for Postgres;
-                # an OSError there may be the handler's disk or network.
-                if not (isinstance(failed.exc, DBAPIError) and is_database_outage(failed.exc)):
-                    work.remove(failed.delivery)
-                    self._judge(failed.delivery, failed.exc, out)
+                # Inside a handler only SQLAlchemy's errors speak for Postgres; an
+                # OSError there may be the handler's own disk or network.
+                outage_now = isinstance(failed.exc, DBAPIError) and is_database_outage(failed.exc)
+                if not outage_now:
+                    if failed.delivery is None:
+                        whole_batch = False  # find the culprit one event at a time
+                    else:
+                        work.remove(failed.delivery)
+                        self._judge(failed.delivery, failed.exc, out)
                     continue
-                exc: Exception = failed
-            except Exception as caught:
-                exc = caught
-            # The transaction itself failed; nothing was recorded.
+                cause: BaseException = failed.exc
+            except Exception as exc:
+                cause = exc
             self.metrics.failed("transaction")
-            cause = exc.exc if isinstance(exc, _HandlerFailed) else exc
             if is_database_outage(cause) and not self._stop.is_set():
-                # Postgres is away: hold the batch (heartbeats keep it ours) and
-                # try again, so an outage burns no deliveries of innocent messages.
+                # Postgres is away: hold the group (heartbeats keep it ours) and
+                # try again, so the outage burns no deliveries.
                 outage += 1
                 delay = min(0.05 * 2**outage, 2.0)
                 if outage == 1 or outage % 20 == 0:
@@ -310,63 +284,84 @@ class Worker:
             return
         out.ack = work
         await self._settle(out)
-        if self.relay is not None and work:
-            self.relay.trigger()
 
     def _judge(self, d: _Delivery, exc: BaseException, out: _Outcome) -> None:
         verdict = classify(exc)
         self.metrics.failed(verdict.value)
-        with log_context(stage=self.stage, event_id=d.event and d.event.event_id,
-                         correlation_id=d.event and d.event.correlation_id):
+        event = d.event
+        with log_context(
+            stage=self.stage,
+            event_id=event.event_id if event else None,
+            correlation_id=event.correlation_id if event else None,
+        ):
             if verdict is Verdict.REJECT:
                 log.warning("rejected: %s", describe(exc))
                 out.dead.append((d, describe(exc)))
             elif d.num_delivered >= self.policy.max_deliver:
                 log.warning("giving up after %d deliveries: %s", d.num_delivered, describe(exc))
-                out.dead.append(
-                    (d, f"gave up after {d.num_delivered} deliveries: {describe(exc)}")
-                )
+                out.dead.append((d, f"gave up after {d.num_delivered} deliveries: {describe(exc)}"))
             else:
-                delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
+                delay = exc.delay if isinstance(exc, Retry) else None
                 delay = delay if delay is not None else self.policy.nak_delay(d.num_delivered)
                 log.info("will retry in %.1fs: %s", delay, describe(exc))
                 out.nak.append((d, delay))
 
     async def _transaction(
-        self, work: list[_Delivery], dead: list[tuple[_Delivery, str]]
-    ) -> None:
+        self, work: list[_Delivery], dead: list[tuple[_Delivery, str]], whole_batch: bool
+    ) -> list[outbox.OutboxRow]:
+        """Claim, handle, write the outbox, record dead letters; commit. Returns
+        the committed outbox rows."""
         async with self._sf() as session, session.begin():
             claimed = [(d.event.event_id, d.subject) for d in work if d.event is not None]
             fresh = await inbox.claim(session, self.stage, claimed)
-            emitted: list[ev.EsperEvent] = []
+            todo: list[_Delivery] = []
             for d in work:
-                event = d.event
-                assert event is not None
-                d.duplicate = event.event_id not in fresh
-                if d.duplicate:
-                    continue
-                fresh.discard(event.event_id)  # the same event twice in one batch
-                emitted.extend(await self._handle(session, d, event))
-            await outbox.write(session, emitted)
+                assert d.event is not None
+                d.duplicate = d.event.event_id not in fresh
+                if not d.duplicate:
+                    fresh.discard(d.event.event_id)  # the same event twice in one group
+                    todo.append(d)
+            emitted: list[ev.EsperEvent] = []
+            payloads: list[bytes] = []
+            groups = [todo] if whole_batch and len(todo) > 1 else [[d] for d in todo]
+            for ds in groups:
+                ctx = await self._handle(session, ds, batch=len(ds) > 1)
+                emitted += ctx.emitted
+                payloads += ctx.payloads
+            rows = await outbox.write(session, emitted, payloads)
             for d, reason in dead:
-                await deadletter.record(session, self._dead_letter_info(d, reason))
+                rows += await deadletter.record(session, self._dead_letter_info(d, reason))
+        return rows
 
     async def _handle(
-        self, session: AsyncSession, d: _Delivery, event: ev.EsperEvent
-    ) -> list[ev.EsperEvent]:
-        ctx: HandlerContext[Any] = HandlerContext(session, d.msg, self.stage, d.num_delivered)
+        self, session: AsyncSession, ds: list[_Delivery], *, batch: bool
+    ) -> HandlerContext[Any]:
+        events = [d.event for d in ds]
+        ctx: HandlerContext[Any] = HandlerContext(
+            session, [d.msg for d in ds], self.stage, max(d.num_delivered for d in ds)
+        )
+        first = events[0]
+        assert first is not None
         started = time.perf_counter()
-        with log_context(stage=self.stage, event_id=event.event_id,
-                         correlation_id=event.correlation_id):
+        with log_context(
+            stage=self.stage,
+            event_id=None if batch else first.event_id,
+            correlation_id=None if batch else first.correlation_id,
+        ):
             try:
                 async with asyncio.timeout(self.handler_timeout):
-                    await self.handler(event, ctx)
+                    if batch:
+                        await self.handler.handle_many(events, ctx)  # type: ignore[attr-defined]
+                    else:
+                        await self.handler(first, ctx)
                 await session.flush()  # a handler's bad row fails here, not at commit
             except Exception as exc:
-                raise _HandlerFailed(d, exc) from exc
+                raise _HandlerFailed(None if batch else ds[0], exc) from exc
             finally:
-                self.metrics.observe_latency(time.perf_counter() - started)
-        return ctx.emitted
+                elapsed = time.perf_counter() - started
+                for _ in ds:
+                    self.metrics.observe_latency(elapsed / len(ds))
+        return ctx
 
     def _dead_letter_info(self, d: _Delivery, reason: str) -> deadletter.DeadLetterInfo:
         data = d.msg.data or b""
@@ -386,8 +381,10 @@ class Worker:
         )
 
     async def _settle(self, out: _Outcome) -> None:
-        """Ack, term and nak after the commit; a lost ack only means a
-        redelivery, which the inbox skips."""
+        """After the commit: hand the outbox rows to the relay, then ack, term
+        and nak. A lost ack only means a redelivery, which the inbox skips."""
+        if self.relay is not None:
+            self.relay.send(out.rows)
         for d in out.ack:
             await _quietly(d.msg.ack())
         self.metrics.processed(sum(not d.duplicate for d in out.ack))
@@ -403,13 +400,12 @@ class Worker:
             await _quietly(d.msg.nak(delay=delay))
 
     # -- beside the processing -----------------------------------------------
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, puller: PullConsumer) -> None:
         """Keep every held message (queued or in a handler) from timing out."""
-        assert self._puller is not None
         while True:
             await asyncio.sleep(self.policy.ack_wait / 3)
-            for msg in [*self._processing.values(), *self._puller.queued()]:
-                if msg is not None and not msg._ackd:
+            for msg in [*self._processing.values(), *puller.queued()]:
+                if not msg._ackd:
                     await _quietly(msg.in_progress())
 
     async def _lag_loop(self, js: Any) -> None:
@@ -420,52 +416,39 @@ class Worker:
             await asyncio.sleep(self.lag_interval)
 
     async def _watch_max_deliveries(self, nc: NATS, js: Any) -> None:
-        """A message whose last delivery was never settled (the worker died on
+        """A message whose last delivery was never settled (a worker died on
         it) stops being delivered; the server's advisory names it, and one
-        worker of the stage dead-letters it unless it was in fact committed."""
-        subject = (
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.spec.stream}.{self.stage}"
-        )
+        worker of the stage dead-letters it (see deadletter.record_exhausted)."""
+        stream, stage = self.spec.stream, self.stage
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{stage}"
 
         async def on_advisory(msg: Msg) -> None:
             try:
                 seq = int(json.loads(msg.data)["stream_seq"])
-                raw = await js.get_msg(self.spec.stream, seq)
-                await self._dead_letter_exhausted(raw.subject, raw.data or b"", seq)
+                raw = await js.get_msg(stream, seq)
+                for attempt in range(10):
+                    try:
+                        async with self._sf() as session, session.begin():
+                            rows = await deadletter.record_exhausted(
+                                session, stage, raw.subject, raw.data or b"", seq=seq,
+                                max_deliver=self.policy.max_deliver,
+                            )
+                        break
+                    except Exception as exc:
+                        if not is_database_outage(exc) or attempt == 9:
+                            raise
+                        await asyncio.sleep(min(0.5 * 2**attempt, 10.0))
+                if rows:
+                    self.metrics.dead_lettered()
+                    if self.relay is not None:
+                        self.relay.send(rows)
             except Exception as exc:
-                log.warning("could not dead-letter an exhausted message: %s", exc)
+                log.warning("could not dead-letter exhausted message: %s", exc)
 
-        await nc.subscribe(subject, queue=f"esper-{self.stage}-advisories", cb=on_advisory)
-
-    async def _dead_letter_exhausted(self, subject: str, data: bytes, seq: int) -> None:
-        event_id, correlation = ev.peek_ids(data)
-        for attempt in range(10):
-            try:
-                async with self._sf() as session, session.begin():
-                    if event_id is not None:
-                        done = await inbox.is_processed(session, self.stage, event_id)
-                        if done:
-                            return
-                    reason = (
-                        f"not acked after {self.policy.max_deliver} deliveries "
-                        "(a worker died or hung while handling it)"
-                    )
-                    info = deadletter.DeadLetterInfo(
-                        self.stage, subject, data, reason, self.policy.max_deliver, seq,
-                        event_id, correlation,
-                    )
-                    if await deadletter.record(session, info):
-                        self.metrics.dead_lettered()
-                if self.relay is not None:
-                    self.relay.trigger()
-                return
-            except Exception as exc:
-                if not is_transient(exc) or attempt == 9:
-                    raise
-                await asyncio.sleep(min(2**attempt * 0.5, 10.0))
+        await nc.subscribe(subject, queue=f"esper-{stage}-advisories", cb=on_advisory)
 
 
-async def _quietly(coro: Awaitable[None]) -> None:
+async def _quietly(coro: Any) -> None:
     try:
         await coro
     except Exception as exc:  # connection gone: the server will redeliver

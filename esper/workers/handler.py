@@ -1,0 +1,70 @@
+"""The contract between a stage's handler and the runtime.
+
+A handler is ``async def handle(event, ctx) -> None``. It does its work through
+``ctx.session`` — the one transaction that also records the inbox row and the
+outbox rows — and ``ctx.emit``s the events that follow; it never commits. To
+redeliver later it raises ``Retry(delay)``; to give up, ``Reject(reason)``.
+
+A handler may also offer ``handle_many(events, ctx)`` for a whole batch (set-
+based SQL: a few statements per batch instead of a few per event). If it
+raises, the runtime rolls back and runs the batch again one event at a time,
+so the event at fault is isolated and the others still commit."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from nats.aio.msg import Msg
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from esper.bus import events as ev
+
+E = TypeVar("E", bound=ev.EsperEvent)
+E_contra = TypeVar("E_contra", bound=ev.EsperEvent, contravariant=True)
+
+
+class HandlerContext(Generic[E]):
+    """What a handler gets beside its event(s)."""
+
+    def __init__(
+        self, session: AsyncSession, msgs: Sequence[Msg], stage: str, num_delivered: int
+    ) -> None:
+        self.session = session
+        self.stage = stage
+        # The highest delivery count among the events being handled (1: first try).
+        self.num_delivered = num_delivered
+        self.emitted: list[ev.EsperEvent] = []
+        self.payloads: list[bytes] = []  # their encodings, made once
+        self._msgs = msgs
+
+    def emit(self, event: ev.EsperEvent) -> None:
+        """Queue ``event`` in the outbox; it is published only if this commits."""
+        data = ev.encode(event)  # fails now, in the handler, if it cannot go on the wire
+        self.emitted.append(event)
+        self.payloads.append(data)
+
+    async def heartbeat(self) -> None:
+        """Tell JetStream the message(s) are still being worked on (resets
+        ack_wait). The runtime also does this every ack_wait/3 on its own."""
+        for msg in self._msgs:
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+
+Handler = Callable[[Any, HandlerContext[Any]], Awaitable[None]]
+
+
+@runtime_checkable
+class BatchHandler(Protocol[E_contra]):
+    """A handler that can also take a whole batch at once."""
+
+    async def __call__(self, event: E_contra, ctx: HandlerContext[Any], /) -> None: ...
+
+    async def handle_many(self, events: Sequence[E_contra], ctx: HandlerContext[Any], /) -> None:
+        ...
+
+
+def batch_capable(handler: Any) -> bool:
+    return callable(getattr(handler, "handle_many", None))
