@@ -1,0 +1,104 @@
+"""One training process wired to Esper: the link (kernels in, seed events out)
+around a Trainer. What ``esper train`` and ``esper demo`` run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esper.artifacts.signing import default_private_key_path, public_key_path
+from esper.infra.endpoints import Endpoints
+from esper.kasmina import SeedEvent
+from esper.settings import Settings
+from esper.train.catalog import KernelCatalog, KernelInfo
+from esper.train.controller import Controller
+from esper.train.loop import Progress, TrainConfig, Trainer, TrainResult
+from esper.train.task import TeacherStudentTask
+from esper.train.worker import LinkConfig, TrainerLink
+
+log = logging.getLogger(__name__)
+
+
+def device_target(device: torch.device) -> str:
+    """The compile target a trainer on ``device`` runs: ``cpu`` or ``cuda:sm_XY``."""
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"cuda:sm_{major}{minor}"
+
+
+def public_key_of(settings: Settings) -> Path | None:
+    """``ESPER_PUBLIC_KEY``, else the public half of ``ESPER_SIGNING_KEY``, else the
+    embedded default under ``ESPER_HOME`` (made by ``esper up``); None if absent."""
+    if settings.public_key is not None:
+        return settings.public_key
+    if settings.signing_key is not None:
+        return public_key_path(settings.signing_key)
+    path = public_key_path(default_private_key_path(settings.home))
+    return path if path.exists() else None
+
+
+@dataclass
+class TrainRun:
+    """Everything one training process needs beyond its task."""
+
+    endpoints: Endpoints
+    home: Path
+    public_key: Path | None
+    config: TrainConfig
+    controller: Controller | None = None
+    replay_timeout: float = 30.0
+    wait_for_kernels: int = 0
+    """Before step 0, wait (up to ``wait_timeout``) until this many kernels are loaded."""
+    wait_timeout: float = 60.0
+    on_eval: Progress | None = None
+    on_event: Callable[[SeedEvent, dict[str, Any]], None] | None = None
+    on_kernel: Callable[[KernelInfo], None] | None = None
+
+    def run(self, task: TeacherStudentTask) -> tuple[TrainResult, KernelCatalog]:
+        catalog = KernelCatalog()
+        trainer = Trainer(task, catalog, config=self.config, controller=self.controller,
+                          on_eval=self.on_eval)
+        link = TrainerLink(
+            LinkConfig(
+                nats_url=self.endpoints.nats_url, database_url=self.endpoints.database_url,
+                public_key=self.public_key, cache_dir=self.home / "artifacts",
+                run_id=self.config.run_id, target=device_target(task.device),
+            ),
+            catalog, trainer.site_schemas, on_kernel=self.on_kernel,
+        )
+        user_hook = self.on_event
+
+        def on_event(event: SeedEvent, detail: dict[str, Any]) -> None:
+            link.record(event, detail)
+            if user_hook is not None:
+                user_hook(event, detail)
+
+        trainer.on_event = on_event
+        link.start()
+        try:
+            if not link.wait_replayed(self.replay_timeout):
+                log.warning("kernel history not replayed within %.0fs; training anyway",
+                            self.replay_timeout)
+            if self.wait_for_kernels:
+                self._wait_for(catalog, trainer)
+            result = trainer.run()
+        finally:
+            link.stop()
+        return result, catalog
+
+    def _wait_for(self, catalog: KernelCatalog, trainer: Trainer) -> None:
+        deadline = time.monotonic() + self.wait_timeout
+        while time.monotonic() < deadline:
+            keys = {k.cache_key for s in trainer.site_schemas for k in catalog.usable(s)}
+            if len(keys) >= self.wait_for_kernels:
+                return
+            time.sleep(0.05)
+        log.warning("fewer than %d kernels loaded within %.0fs; training anyway",
+                    self.wait_for_kernels, self.wait_timeout)
