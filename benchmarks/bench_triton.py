@@ -259,6 +259,9 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
             row["eager_ms"] = _bench(lambda ref=ref: step(ref))
             row["esper_ms"] = _bench(lambda esper=esper: step(esper))
             try:
+                # every case is a new BlueprintModule of one class: without a reset
+                # dynamo hits its recompile limit and silently runs eager
+                torch._dynamo.reset()
                 t0 = time.perf_counter()
                 comp = torch.compile(ref)
                 step(comp)
