@@ -130,10 +130,10 @@ def backward_program(fwd: TileProgram, needs_grad: list[bool] | None = None) -> 
     for idx, (name, kind) in enumerate(fwd.inputs):
         if not needs[idx]:
             continue
-        vid = loads.get(idx)
-        if vid is None or vid not in adj:  # an input no output depends on
+        src = loads.get(idx)
+        if src is None or src not in adj:  # an input no output depends on
             g = p.op("mulc", p.load(name, kind), attr=0.0)
         else:
-            g = reduce_to(p, adj[vid], kind)
+            g = reduce_to(p, adj[src], kind)
         p.output(GRAD_PREFIX + name, g)
     return p

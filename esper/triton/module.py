@@ -115,13 +115,13 @@ class TritonBlueprintModule(BlueprintModule):
 
     def _group_torch_call(self, step: FusedStep) -> Call:
         """A group that measured faster as plain torch ops (its bias adds included)."""
-        units = []
+        units: list[tuple[Any, Any, str]] = []
         for u in step.units:
             if u.op == "bias":
                 key = self.param_keys[(u.node, "bias")]
                 units.append((u, None, key))
             else:
-                units.append((u, LOWERING[IRNodeType(u.op)], None))
+                units.append((u, LOWERING[IRNodeType(u.op)], ""))
         keys_of = {
             u.node: {n: k for (nid, n), k in self.param_keys.items() if nid == u.node}
             for u in step.units

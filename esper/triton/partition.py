@@ -94,7 +94,7 @@ def _fusible(node: Any, attrs: dict[str, Any], shapes: dict[str, tuple[Any, ...]
         if kind_of(shapes[v], frame) is None:
             return None
     # norm gains/shifts, weight before bias (the lowering applies them in order)
-    params = [(node.id, n) for n in ("weight", "bias") if n in own_params]
+    params: list[tuple[str, str]] = [(node.id, n) for n in ("weight", "bias") if n in own_params]
     return _U(-1, node.id, op.value, ins, params, node.id, tuple(frame), out_kind, attrs)
 
 
@@ -178,20 +178,21 @@ def partition(ir: BlueprintIR, attrs: dict[str, dict[str, Any]]) -> Plan:
                                                  bias=False)))
             u = _U(len(units), node.id, "bias", [mm], [(node.id, "bias")], node.id,
                    shapes[node.id], "full")
-            if not 1 < shapes[node.id][-1] <= MAX_C:
+            last = shapes[node.id][-1]
+            if not (isinstance(last, int) and 1 < last <= MAX_C):
                 steps_pre[-1][1].bias, steps_pre[-1][1].out = True, node.id
                 continue
             units[u.uid] = u
             steps_pre.append(("unit", u.uid))
             continue
-        u = _fusible(node, at, shapes, param_shapes.get(node.id, {}))
-        if u is None:
+        fu = _fusible(node, at, shapes, param_shapes.get(node.id, {}))
+        if fu is None:
             steps_pre.append(("torch", TorchStep(node=node.id, out=node.id,
                                                  inputs=list(node.inputs), bias=None)))
             continue
-        u.uid = len(units)
-        units[u.uid] = u
-        steps_pre.append(("unit", u.uid))
+        fu.uid = len(units)
+        units[fu.uid] = fu
+        steps_pre.append(("unit", fu.uid))
 
     producer = {u.out: uid for uid, u in units.items()}
     consumers: dict[str, list[int]] = {}
@@ -203,13 +204,13 @@ def partition(ir: BlueprintIR, attrs: dict[str, dict[str, Any]]) -> Plan:
     readers: dict[str, list[str]] = {}
     out_of: dict[str, str] = {}
     for kind, st in steps_pre:
-        node = f"u{st}" if kind == "unit" else f"t:{st.out}"
-        out_of[node] = units[st].out if kind == "unit" else st.out
+        key = f"u{st}" if kind == "unit" else f"t:{st.out}"
+        out_of[key] = units[st].out if kind == "unit" else st.out
         for v in (units[st].inputs if kind == "unit" else st.inputs):
-            readers.setdefault(v, []).append(node)
+            readers.setdefault(v, []).append(key)
             if kind == "torch":
                 torch_out_consumers.setdefault(v, []).append(st.out)
-    succ = {node: readers.get(value, []) for node, value in out_of.items()}
+    succ = {key: readers.get(value, []) for key, value in out_of.items()}
     group_of = {uid: uid for uid in units}
     members: dict[int, set[int]] = {uid: {uid} for uid in units}
     for uid in sorted(units):
@@ -288,6 +289,7 @@ def _build_group(index: int, mem: list[_U], shapes: dict[str, tuple[Any, ...]],
         for v in u.inputs:
             if v not in inside and v not in val:
                 kind = kind_of(shapes[v], frame)
+                assert kind is not None  # _fusible checked every operand
                 val[v] = p.load(v, kind)
                 inputs.append(GroupInput(value=v, kind=kind, param=None))
         for n, k in u.params:
