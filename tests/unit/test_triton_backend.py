@@ -72,6 +72,11 @@ HAND = {
         {"id": "n", "op": "layer_norm", "inputs": ["x"], "attrs": {"normalized_shape": [6]}},
         {"id": "m", "op": "mean", "inputs": ["n"], "attrs": {"dim": [-1], "keepdim": True}}],
         ["m"]),
+    "scalar_and_row_inputs": _ir(
+        [_x("x", ["B", 8]), _x("s", [1]), _x("r", ["B", 1])], [
+            {"id": "a", "op": "mul", "inputs": ["x", "s"]},
+            {"id": "b", "op": "sub", "inputs": ["a", "r"]},
+            {"id": "c", "op": "tanh", "inputs": ["b"]}], ["c"]),
     "attention": _ir([_x("q", ["B", 8, 16]), _x("k", ["B", 8, 16]), _x("v", ["B", 8, 16])], [
         {"id": "kt", "op": "permute", "inputs": ["k"], "attrs": {"dims": [0, 2, 1]}},
         {"id": "s", "op": "matmul", "inputs": ["q", "kt"]},
