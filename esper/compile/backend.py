@@ -74,6 +74,7 @@ class Backend(Protocol):
 # never requires the caller to have imported its module.
 _BUILTINS: dict[str, str] = {
     "torch": "esper.compile.reference:TorchBackend",
+    "triton": "esper.triton.backend:TritonBackend",
 }
 _REGISTRY: dict[str, Backend] = {}
 _LOCK = threading.Lock()

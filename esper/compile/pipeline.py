@@ -3,9 +3,11 @@ The thin seam between the compilation plane and the artifact format."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from esper.artifacts import Artifact, ArtifactManifest, digest_of, unpack_verified
@@ -22,6 +24,37 @@ if TYPE_CHECKING:
     )
 
 COMPILE_DTYPES = ("float32", "float16", "bfloat16")
+
+# Options that say *where* the toolchain is, not what it builds: the key records
+# the toolchain's version instead, so two machines with the same compiler share keys.
+LOCATION_OPTIONS = frozenset({"triton_python"})
+
+
+@lru_cache(maxsize=8)
+def _triton_version_of(python: str) -> str:
+    """The Triton version another interpreter (a side venv that builds binaries
+    for a trainer's Triton) would compile with."""
+    try:
+        out = subprocess.run(
+            [python, "-c", "import triton; print(triton.__version__)"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CompileError(f"cannot ask {python} for its Triton version: {exc}") from exc
+    return out.stdout.strip()
+
+
+def key_inputs(backend: Backend, options: CompileOptions,
+               versions: Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, object]]:
+    """The versions and options a cache key is made of."""
+    found_versions = dict(versions) if versions is not None else current_versions(backend.name)
+    dumped = options.model_dump()
+    extra = dict(dumped.get("extra") or {})
+    side = extra.get("triton_python")
+    if side and versions is None:
+        found_versions["triton"] = _triton_version_of(str(side))
+    dumped["extra"] = {k: v for k, v in extra.items() if k not in LOCATION_OPTIONS}
+    return found_versions, dumped
 
 
 @dataclass(frozen=True)
@@ -55,10 +88,9 @@ def compute_cache_key(ir: BlueprintIR, *, target: str, dtype: str = "float32",
     """The key ``compile_blueprint`` would give ``ir``; look it up before compiling.
     ``versions`` (default: this process's toolchain) is what the key records."""
     found, options = _resolve(backend, target, dtype, options)
-    if versions is None:
-        versions = current_versions(found.name)
+    key_versions, key_options = key_inputs(found, options, versions)
     return cache_key(blueprint_hash=ir.canonical_hash(), target=target, dtype=dtype,
-                     backend=found.name, versions=versions, options=options.model_dump())
+                     backend=found.name, versions=key_versions, options=key_options)
 
 
 def compile_blueprint(
@@ -78,9 +110,9 @@ def compile_blueprint(
     start = time.perf_counter()
     found, options = _resolve(backend, target, dtype, options)
     blueprint_hash = ir.canonical_hash()
-    versions = dict(versions) if versions is not None else current_versions(found.name)
+    versions, key_options = key_inputs(found, options, versions)
     key = cache_key(blueprint_hash=blueprint_hash, target=target, dtype=dtype,
-                    backend=found.name, versions=versions, options=options.model_dump())
+                    backend=found.name, versions=versions, options=key_options)
     keyed = time.perf_counter()
     optimised = optimize(ir)
     optimised_at = time.perf_counter()
