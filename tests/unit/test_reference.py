@@ -75,8 +75,9 @@ def test_bundled_backward_matches_float64_evaluation(name: str) -> None:
     cot = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
     leaves = [*xs, *params.values()]
     ref_grads = torch.autograd.grad(ref, leaves, cot, allow_unused=True)
+    scale = max(r.norm().item() for r in ref_grads if r is not None)
 
-    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 2e-4)):
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         module = build_module(ir, dtype=dtype).eval()
         module.load_state_dict({k: v.to(dtype) for k, v in m64.state_dict().items()})
         mx = [x.detach().to(dtype).requires_grad_() for x in xs]
@@ -89,8 +90,12 @@ def test_bundled_backward_matches_float64_evaluation(name: str) -> None:
                 assert got is None or not got.any(), leaf_name
                 continue
             assert got is not None, f"no gradient for {leaf_name}"
-            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol,
-                                       msg=lambda m, n=leaf_name, d=dtype: f"{n} {d}: {m}")
+            # Norm-wise: a weight grad sums thousands of products, so single
+            # elements near zero carry fp32 rounding far above an elementwise bound.
+            # Analytically-zero grads (a key bias under softmax) are judged on the
+            # scale of the whole backward pass instead of their own rounding noise.
+            err = ((got.double() - want).norm() / max(want.norm().item(), 1e-6 * scale)).item()
+            assert err <= tol, f"{leaf_name} {dtype}: relative error {err:.2e} > {tol:.0e}"
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
