@@ -103,7 +103,7 @@ async def start_workers(args: argparse.Namespace, nats_url: str, db_url: str) ->
         "deploy": passthrough.deploy_handler(),
     }
     for stage in STAGES:
-        engine = create_engine(db_url)
+        engine = create_engine(db_url, pool_pre_ping=False)
         engines.append(engine)
         w = Worker(
             stage, handlers[stage], nats_url=nats_url, session_factory=session_factory(engine),
@@ -166,15 +166,15 @@ async def latency(
     return [(watch.at[c] - t) * 1000 for c, t in sent.items()], offered
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User+system CPU of these processes and all their children (postgres
+def cpu_seconds(pids: list[int], children: bool = True) -> float:
+    """User+system CPU of these processes (and their children: postgres
     backends, the workers), for a load-independent cost per event."""
     total = 0.0
     seen: set[int] = set()
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
-            for p in [proc, *proc.children(recursive=True)]:
+            for p in [proc, *(proc.children(recursive=True) if children else [])]:
                 if p.pid in seen:
                     continue
                 seen.add(p.pid)
@@ -216,12 +216,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         parts = {"bench": [pids[0]], "nats": [pids[1]], "postgres": [pids[2]]}
         if args.mode == "procs":
             parts.update({s: [p.pid] for s, p in zip(STAGES, handle, strict=True)})
-        before = {k: cpu_seconds(v) for k, v in parts.items()}
+        def part(name: str) -> float:
+            return cpu_seconds(parts[name], children=name != "bench")
+
+        before = {k: part(k) for k in parts}
         cpu0, load0 = cpu_seconds(pids), os.getloadavg()[0]
         rate = await throughput(js, watch, rest[: args.n])
         cpu_ms = (cpu_seconds(pids) - cpu0) * 1000 / args.n
         split = {
-            k: round((cpu_seconds(v) - before[k]) * 1000 / args.n, 3) for k, v in parts.items()
+            k: round((part(k) - before[k]) * 1000 / args.n, 3) for k in parts
         }
         print(f"  CPU-ms per event by process: {split}")
         print(f"  => {rate:.0f} events/s end to end; {cpu_ms:.2f} CPU-ms per event "

@@ -24,7 +24,12 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from sqlalchemy import delete, func, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from esper.bus import events as ev
 from esper.bus.publish import msg_headers
@@ -82,6 +87,18 @@ async def write(
     ]
 
 
+def mark_engine_for(engine: AsyncEngine) -> AsyncEngine:
+    """A small autocommit pool on the same database whose commits do not wait
+    for fsync, for marking rows sent (a lost mark is only a re-publish)."""
+    return create_async_engine(
+        engine.url,
+        isolation_level="AUTOCOMMIT",
+        pool_size=1,
+        max_overflow=1,
+        connect_args={"server_settings": {"synchronous_commit": "off"}},
+    )
+
+
 class OutboxRelay:
     """Publishes outbox rows; see the module docstring for the two paths."""
 
@@ -98,8 +115,10 @@ class OutboxRelay:
         keep_sent: timedelta = timedelta(hours=1),
         keep_inbox: timedelta = timedelta(days=7),
         prune_every: float = 600.0,
+        mark_engine: AsyncEngine | None = None,
     ) -> None:
         self._sf = session_factory
+        self._mark_engine = mark_engine
         self._js = js
         self.batch = batch
         self.poll_interval = poll_interval
@@ -109,18 +128,24 @@ class OutboxRelay:
         self._keep_sent = keep_sent
         self._keep_inbox = keep_inbox
         self._prune_every = prune_every
-        self._fresh: list[OutboxRow] = []
+        # Fast path: rows published right after their commit, acks pending.
+        self._inflight: list[tuple[OutboxRow, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._stopping = False
         self.published_total = 0
         # Rows JetStream already had: a relay died between publish and mark.
         self.duplicates_total = 0
 
-    def send(self, rows: Sequence[OutboxRow]) -> None:
-        """Publish these just-committed rows soon (fast path)."""
-        if rows:
-            self._fresh.extend(rows)
-            self._wake.set()
+    async def publish_now(self, rows: Sequence[OutboxRow]) -> None:
+        """Fast path: publish just-committed rows at once (no round trip to
+        Postgres first); the relay task collects the acks and marks them."""
+        if not rows:
+            return
+        try:
+            self._inflight += await self._start(rows)
+        except Exception as exc:  # disconnected, stalled: the poll path will send them
+            log.info("outbox fast path skipped: %s", exc)
+        self._wake.set()
 
     def trigger(self) -> None:
         """Look for unsent rows now, whatever their age."""
@@ -141,7 +166,7 @@ class OutboxRelay:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
             self._wake.clear()
             try:
-                await self._send_fresh()
+                await self._collect_inflight()
                 if loop.time() >= next_poll:
                     await self.flush(min_age=self.stale_after)
                     next_poll = loop.time() + self.poll_interval
@@ -155,22 +180,31 @@ class OutboxRelay:
                 failures += 1
                 await asyncio.sleep(min(0.1 * 2**failures, 2.0))
         with contextlib.suppress(Exception):
-            await self._send_fresh()
+            await self._collect_inflight()
 
-    async def _send_fresh(self) -> None:
-        while self._fresh:
-            rows, self._fresh = self._fresh[: self.batch], self._fresh[self.batch :]
-            # On failure the rows stay unsent in Postgres: the poll path retries them.
-            acked = await self._publish(rows)
+    async def _collect_inflight(self) -> None:
+        while self._inflight:
+            pairs, self._inflight = self._inflight, []
+            # Unacked rows stay unsent in Postgres: the poll path retries them.
+            acked = await self._collect(pairs)
             if acked:
-                async with self._sf() as session, session.begin():
-                    await session.execute(_ASYNC_COMMIT)
-                    await session.execute(
-                        update(_outbox)
-                        .where(_outbox.c.id.in_(acked), _outbox.c.sent_at.is_(None))
-                        .values(sent_at=func.now())
-                    )
+                await self._mark(acked)
             self._count(len(acked))
+
+    async def _mark(self, ids: list[int]) -> None:
+        mark = (
+            update(_outbox)
+            .where(_outbox.c.id.in_(ids), _outbox.c.sent_at.is_(None))
+            .values(sent_at=func.now())
+        )
+        if self._mark_engine is not None:
+            # One round trip: autocommit, and the connection never waits for fsync.
+            async with self._mark_engine.connect() as conn:
+                await conn.execute(mark)
+            return
+        async with self._sf() as session, session.begin():
+            await session.execute(_ASYNC_COMMIT)
+            await session.execute(mark)
 
     async def flush(self, min_age: float = 0.0) -> int:
         """Poll path: publish unsent rows at least ``min_age`` seconds old until
@@ -212,10 +246,17 @@ class OutboxRelay:
 
     async def _publish(self, rows: Sequence[OutboxRow]) -> list[int]:
         """Publish pipelined (async acks); the ids of rows the stream acked."""
-        futures = [
-            await self._js.publish_async(r.subject, r.payload, headers=msg_headers(r.event_id))
+        return await self._collect(await self._start(rows))
+
+    async def _start(self, rows: Sequence[OutboxRow]) -> list[tuple[OutboxRow, Any]]:
+        return [
+            (r, await self._js.publish_async(r.subject, r.payload, headers=msg_headers(r.event_id)))
             for r in rows
         ]
+
+    async def _collect(self, pairs: Sequence[tuple[OutboxRow, Any]]) -> list[int]:
+        rows = [r for r, _ in pairs]
+        futures = [f for _, f in pairs]
         # One wait for the whole batch (a wait_for per future would be a task each).
         _done, pending = await asyncio.wait(futures, timeout=self.publish_timeout)
         for f in pending:

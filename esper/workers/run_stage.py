@@ -50,7 +50,11 @@ async def serve_stage(
         nats_url = nats_url or endpoints.nats_servers
         database_url = database_url or endpoints.database_url
     handler = handler or stage.make_handler(settings)
-    engine = create_engine(database_url, pool_size=(concurrency or stage.concurrency) + 2)
+    # No pre-ping: it costs a round trip per transaction, and the runtime already
+    # rides out a broken connection (the batch is held and retried).
+    engine = create_engine(
+        database_url, pool_size=(concurrency or stage.concurrency) + 2, pool_pre_ping=False
+    )
     try:
         worker = Worker(
             stage.name,

@@ -141,12 +141,18 @@ class Worker:
         nc = await connect(self.nats_url, name=self.name, on_reconnected=self._on_reconnected)
         js = nc.jetstream()
         background: list[asyncio.Task[Any]] = []
+        mark_engine = None
         try:
             await self._ensure_topology(js)
             if self.metrics_port is not None:
                 self.metrics.serve(self.metrics_port)
             if self.run_relay:
-                self.relay = outbox.OutboxRelay(self._sf, js, metrics=self.metrics)
+                bind = self._sf.kw.get("bind")
+                if bind is not None:
+                    mark_engine = outbox.mark_engine_for(bind)
+                self.relay = outbox.OutboxRelay(
+                    self._sf, js, metrics=self.metrics, mark_engine=mark_engine
+                )
                 background.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
             puller = self._puller = PullConsumer(
                 nc, self.spec.stream, self.stage, max_in_hand=self.prefetch
@@ -181,6 +187,8 @@ class Worker:
                 await asyncio.wait_for(nc.drain(), 5.0)
             except Exception:
                 await nc.close()
+            if mark_engine is not None:
+                await mark_engine.dispose()
             if self.handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
@@ -384,7 +392,7 @@ class Worker:
         """After the commit: hand the outbox rows to the relay, then ack, term
         and nak. A lost ack only means a redelivery, which the inbox skips."""
         if self.relay is not None:
-            self.relay.send(out.rows)
+            await self.relay.publish_now(out.rows)
         for d in out.ack:
             await _quietly(d.msg.ack())
         self.metrics.processed(sum(not d.duplicate for d in out.ack))
@@ -441,7 +449,7 @@ class Worker:
                 if rows:
                     self.metrics.dead_lettered()
                     if self.relay is not None:
-                        self.relay.send(rows)
+                        await self.relay.publish_now(rows)
             except Exception as exc:
                 log.warning("could not dead-letter exhausted message: %s", exc)
 
