@@ -77,7 +77,7 @@ def test_bundled_backward_matches_float64_evaluation(name: str) -> None:
     ref_grads = torch.autograd.grad(ref, leaves, cot, allow_unused=True)
     scale = max(r.norm().item() for r in ref_grads if r is not None)
 
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
         module = build_module(ir, dtype=dtype).eval()
         module.load_state_dict({k: v.to(dtype) for k, v in m64.state_dict().items()})
         mx = [x.detach().to(dtype).requires_grad_() for x in xs]
