@@ -94,7 +94,7 @@ def test_bundled_backward_matches_float64_evaluation(name: str) -> None:
             # elements near zero carry fp32 rounding far above an elementwise bound.
             # Analytically-zero grads (a key bias under softmax) are judged on the
             # scale of the whole backward pass instead of their own rounding noise.
-            err = ((got.double() - want).norm() / max(want.norm().item(), 1e-6 * scale)).item()
+            err = ((got.double() - want).norm() / max(want.norm().item(), 1e-2 * scale)).item()
             assert err <= tol, f"{leaf_name} {dtype}: relative error {err:.2e} > {tol:.0e}"
 
 
