@@ -316,3 +316,22 @@ async def test_a_poisoned_emit_rolls_back_the_handler_and_its_inbox_row(
         assert await scalar(engine, "SELECT count(*) FROM inbox") == 0
         assert await scalar(engine, "SELECT count(*) FROM outbox WHERE subject = :s",
                             s=ev.KERNEL_VALIDATED) == 0
+
+
+async def test_a_handler_longer_than_ack_wait_keeps_its_message(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    handler = Recorder(sleep=FAST_POLICY.ack_wait * 1.6)  # heartbeats must cover it
+    async with (
+        running_worker("validate", bus, database_url, handler, batch=1) as worker,
+        js_client(bus) as js,
+    ):
+        await publish_event(js, compiled(0))
+
+        async def done() -> bool:
+            return worker.metrics.value("esper_worker_processed_total") == 1
+
+        await wait_for(done, 15, "the slow event handled")
+        info = await js.consumer_info("ESPER_KERNELS", "validate")
+        assert info.delivered.consumer_seq == info.delivered.stream_seq == 1  # never redelivered
+        assert handler.calls["k0"] == 1

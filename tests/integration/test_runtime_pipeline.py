@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from esper.bus import events as ev
 from esper.bus.publish import make_submission, publish_event, submit_blueprints
 from esper.db.engine import create_engine
-from esper.errors import IRValidationError
+from esper.errors import IRValidationError, MalformedEvent
 from tests.integration.runtime_helpers import (
     js_client,
     mlp_blueprint,
@@ -116,9 +116,13 @@ async def test_invalid_blueprints_are_dead_lettered_with_the_ir_reason(
 ) -> None:
     broken = mlp_blueprint(0)
     broken["nodes"][1]["inputs"] = ["nowhere"]
+    huge = mlp_blueprint(3)
+    huge["metadata"]["description"] = "x" * ev.MAX_EVENT_BYTES
     # The submit path validates locally and publishes nothing.
     with pytest.raises(IRValidationError):
         await submit_blueprints(bus, [mlp_blueprint(5), broken])
+    with pytest.raises(MalformedEvent, match="byte limit"):
+        await submit_blueprints(bus, [mlp_blueprint(6), huge])
 
     good = make_submission(mlp_blueprint(2))
     # A publisher that skipped validation: an invalid IR, and a valid IR under a false hash.
@@ -135,6 +139,8 @@ async def test_invalid_blueprints_are_dead_lettered_with_the_ir_reason(
 
         await wait_for(settled, 15, "one ready kernel and two dead letters")
         assert workers["compile"].metrics.value("esper_worker_dead_lettered_total") == 2
+        info = await js.stream_info("ESPER_BLUEPRINTS")
+        assert info.state.messages == 3  # the refused submissions never reached the stream
     found = await rows(engine, "SELECT stage, event_id, reason FROM dead_letters ORDER BY id")
     by_id = {r.event_id: r for r in found}
     assert by_id[str(invalid.event_id)].stage == "compile"
