@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+import torch
+
 from esper.bus import events as ev
 from esper.kasmina import ModuleFactory, SiteSchema
 
@@ -72,6 +74,21 @@ def fits(kernel: ev.TensorSpec | None, site: SiteSchema) -> bool:
     if kernel.dtype != str(site.dtype).removeprefix("torch."):
         return False
     return all(isinstance(k, str) or k == s for k, s in zip(kernel.shape, site.shape, strict=True))
+
+
+def device_target(device: torch.device) -> str:
+    """The compile target a trainer on ``device`` runs: ``cpu`` or ``cuda:sm_XY``."""
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"cuda:sm_{major}{minor}"
+
+
+def prefer_native(kernels: Sequence[KernelInfo], target: str) -> list[KernelInfo]:
+    """One kernel per blueprint: the one built for ``target`` (e.g. Triton for
+    ``cuda:sm_90``) over a portable one (the torch reference); order kept."""
+    native = {k.blueprint_hash for k in kernels if k.target == target}
+    return [k for k in kernels if k.target == target or k.blueprint_hash not in native]
 
 
 class KernelCatalog:

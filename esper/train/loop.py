@@ -20,7 +20,7 @@ from torch import nn
 
 from esper.errors import IllegalTransition
 from esper.kasmina import Kasmina, KasminaConfig, SeedEvent, SeedState, SiteSchema, add_seed_sites
-from esper.train.catalog import KernelCatalog, KernelStatus
+from esper.train.catalog import KernelCatalog, KernelStatus, device_target, prefer_native
 from esper.train.controller import (
     Controller,
     Germinate,
@@ -124,6 +124,7 @@ class Trainer:
                                   params_start=count_params(self.host))
         self._since_eval: list[SeedEvent] = []
         self._schemas = {name: layer.schema for name, layer in self.kasmina.sites.items()}
+        self.target = device_target(task.device)
 
     @property
     def site_schemas(self) -> list[SiteSchema]:
@@ -197,7 +198,8 @@ class Trainer:
                 name: sum(s.state is S.DORMANT for s in layer.state.slots)
                 for name, layer in self.kasmina.sites.items()
             },
-            kernels={name: self.catalog.usable(schema) for name, schema in self._schemas.items()},
+            kernels={name: prefer_native(self.catalog.usable(schema), self.target)
+                     for name, schema in self._schemas.items()},
             events=tuple(self._since_eval),
         )
         self._since_eval.clear()

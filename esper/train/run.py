@@ -10,27 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from esper.artifacts.signing import default_private_key_path, public_key_path
 from esper.infra.endpoints import Endpoints
 from esper.kasmina import SeedEvent
 from esper.settings import Settings
-from esper.train.catalog import KernelCatalog, KernelInfo
+from esper.train.catalog import KernelCatalog, KernelInfo, device_target
 from esper.train.controller import Controller
 from esper.train.loop import Progress, TrainConfig, Trainer, TrainResult
 from esper.train.task import TeacherStudentTask
 from esper.train.worker import LinkConfig, TrainerLink
 
 log = logging.getLogger(__name__)
-
-
-def device_target(device: torch.device) -> str:
-    """The compile target a trainer on ``device`` runs: ``cpu`` or ``cuda:sm_XY``."""
-    if device.type != "cuda":
-        return "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"cuda:sm_{major}{minor}"
 
 
 def public_key_of(settings: Settings) -> Path | None:

@@ -1,0 +1,1 @@
+"""`esper demo`: the whole pipeline and a network that grows, on one machine."""
