@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.bus import events as ev
 from esper.bus.publish import msg_headers, publish_event
+from esper.bus.topology import DeliveryPolicy, Topology, ensure_topology
 from esper.db.engine import create_engine
 from esper.errors import Reject, Retry
 from esper.workers.runtime import HandlerContext
@@ -335,3 +336,34 @@ async def test_a_handler_longer_than_ack_wait_keeps_its_message(
         info = await js.consumer_info("ESPER_KERNELS", "validate")
         assert info.delivered.consumer_seq == info.delivered.stream_seq == 1  # never redelivered
         assert handler.calls["k0"] == 1
+
+
+async def test_a_message_whose_last_delivery_died_is_dead_lettered_from_the_advisory(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    # Two deliveries allowed; a "worker" (this test) takes both and never
+    # settles them, as a process killed twice would. The server then stops
+    # delivering and says so in an advisory, which a live worker turns into a
+    # dead letter.
+    topology = Topology(policy=DeliveryPolicy(ack_wait=1.5, max_deliver=2))
+    event = compiled(9)
+    async with js_client(bus) as js:
+        await ensure_topology(js, topology, stages=("validate",))
+        await publish_event(js, event)
+        sub = await js.pull_subscribe_bind("validate", stream="ESPER_KERNELS")
+        first = (await sub.fetch(1, timeout=5))[0]
+        second = (await sub.fetch(1, timeout=5))[0]  # redelivered once ack_wait passed
+        assert (first.metadata.num_delivered, second.metadata.num_delivered) == (1, 2)
+        await sub.unsubscribe()
+        async with running_worker(
+            "validate", bus, database_url, Recorder(), topology=topology
+        ) as worker:
+
+            async def dead() -> bool:
+                return await scalar(engine, "SELECT count(*) FROM dead_letters") == 1
+
+            await wait_for(dead, 10, "the exhausted message dead-lettered")
+            assert worker.metrics.value("esper_worker_processed_total") == 0
+        (dl,) = await rows(engine, "SELECT event_id, reason, delivery_count FROM dead_letters")
+        assert dl.event_id == str(event.event_id)
+        assert "not acked after 2 deliveries" in dl.reason and dl.delivery_count == 2
