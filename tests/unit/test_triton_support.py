@@ -19,8 +19,25 @@ TOL = {"float32": 2e-4, "float16": 2e-2}
 
 @pytest.fixture
 def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Kernels run on CPU through Triton's interpreter (read when kernels are defined)."""
+    """Kernels run on CPU through Triton's interpreter (read when kernels are defined).
+
+    Triton decides interpreted-or-compiled when a function is decorated: if an
+    earlier test imported triton without the interpreter, ``tl.sum``/``tl.max``
+    are compiled-only ``JITFunction``s that refuse to be called from an
+    interpreted kernel; run them as interpreted device functions instead."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    wrapped: dict[int, Any] = {}
+
+    def device_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        f = wrapped.get(id(self))
+        if f is None:
+            f = wrapped[id(self)] = InterpretedFunction(self.fn)
+        return f(*args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "__call__", device_call)
 
 
 def compile_and_load(ir: BlueprintIR, dtype: str = "float32") -> tuple[Any, dict[str, bytes]]:
