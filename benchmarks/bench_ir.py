@@ -124,10 +124,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps-small", type=int, default=2000)
     ap.add_argument("--reps-large", type=int, default=30)
+    ap.add_argument("--only", choices=["50", "10000", "experts"], action="append",
+                    help="run only these blueprints (repeatable; default all)")
     args = ap.parse_args()
-    rows = bench("50 nodes", residual_stack(10), args.reps_small)
-    rows += bench("10,000 nodes", residual_stack(2000), args.reps_large)
-    rows += bench("16 interchangeable experts (63 nodes)", experts(16), args.reps_small // 10)
+    only = set(args.only or ["50", "10000", "experts"])
+    rows = []
+    if "50" in only:
+        rows += bench("50 nodes", residual_stack(10), args.reps_small)
+    if "10000" in only:
+        rows += bench("10,000 nodes", residual_stack(2000), args.reps_large)
+    if "experts" in only:
+        rows += bench("16 interchangeable experts (63 nodes)", experts(16),
+                      max(1, args.reps_small // 10))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
