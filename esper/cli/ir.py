@@ -50,8 +50,8 @@ def _report(b: BlueprintIR) -> list[str]:
     for rid, op, schema, note in rows:
         line = f"  {rid:<{w_id}}  {op:<{w_op}}  {schema:<{w_schema}}"
         lines.append((line + (f"  params: {note}" if note else "")).rstrip())
-    for name, schema in zip(b.outputs, b.output_schemas(), strict=True):
-        lines.append(f"  output {name}: {schema}")
+    for name, out in zip(b.outputs, b.output_schemas(), strict=True):
+        lines.append(f"  output {name}: {out}")
     return lines
 
 

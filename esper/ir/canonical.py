@@ -103,7 +103,7 @@ def canonical_json(ir: BlueprintIR, an: Analysis) -> str:
     for j in order:
         refs = args[j]
         if comm[j]:
-            refs = sorted(refs, key=pos.__getitem__)
+            refs = tuple(sorted(refs, key=pos.__getitem__))
         parts.append(
             '{"id":' + names[n_in + j][:-1] + heads[j] + ",".join([names[t] for t in refs])
             + tails[j]

@@ -90,7 +90,7 @@ class IRInput(_Revalidating):
     dtype: DType
 
     @property
-    def schema(self) -> TensorSchema:
+    def schema(self) -> TensorSchema:  # type: ignore[override]  # BaseModel.schema is deprecated
         return schema(self.shape, self.dtype)
 
 

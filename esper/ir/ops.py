@@ -219,9 +219,10 @@ def _concat(shapes: Sequence[Shape], a: Mapping[str, Any]) -> Shape:
             raise RuleError(
                 f"inputs {', '.join(map(fmt_shape, shapes))} differ outside concat dim {a['dim']}"
             )
-        if not isinstance(s[d], int):
-            raise RuleError(f"concat dim {a['dim']} is the symbol {s[d]!r}; it must be concrete")
-        total += s[d]
+        size = s[d]
+        if not isinstance(size, int):
+            raise RuleError(f"concat dim {a['dim']} is the symbol {size!r}; it must be concrete")
+        total += size
     return (*first[:d], total, *first[d + 1 :])
 
 

@@ -183,12 +183,12 @@ def test_symmetric_blueprint_is_canonicalised_exactly() -> None:
             nxt.append(f"s{k}")
             k += 1
         level = nxt
-    a = bp(nodes, [level[0]])
+    tree = bp(nodes, [level[0]])
     rng = random.Random(3)
     for _ in range(5):
         shuffled = nodes[:]
         rng.shuffle(shuffled)
-        assert h(bp(shuffled, [level[0]])) == h(a)
+        assert h(bp(shuffled, [level[0]])) == h(tree)
 
 
 def test_huge_symmetric_blueprint_hashes_in_bounded_time() -> None:
@@ -207,18 +207,18 @@ def test_huge_symmetric_blueprint_hashes_in_bounded_time() -> None:
             k += 1
         level = nxt
     t0 = time.perf_counter()
-    a = bp(nodes, [level[0]])
-    first = h(a)
+    tree = bp(nodes, [level[0]])
+    first = h(tree)
     assert time.perf_counter() - t0 < 5.0
     assert h(bp(nodes, [level[0]])) == first
-    again = BlueprintIR.from_json(a.canonical_json())
+    again = BlueprintIR.from_json(tree.canonical_json())
     assert len(again.nodes) == len(nodes)
 
 
 # --- random DAGs ------------------------------------------------------------------------
 
 # (op, written attrs, arity, commutative); attrs differ after defaults are filled.
-POOL = [
+POOL: list[tuple[str, dict[str, object], int, bool]] = [
     ("relu", {}, 1, False),
     ("tanh", {}, 1, False),
     ("linear", {"out_features": 8}, 1, False),
