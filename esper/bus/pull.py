@@ -120,7 +120,8 @@ class PullConsumer:
                 self._outstanding = max(0, self._outstanding - int(pending))
             elif status != "404":
                 # 409 without counts (leader change, consumer deleted...): all gone.
-                log.info("pull request ended: %s %s", status, msg.headers.get("Description"))
+                why = (msg.headers or {}).get("Description")
+                log.info("pull request ended: %s %s", status, why)
                 self._outstanding = 0
                 self.pause(0.25)
         if self._outstanding == 0:

@@ -4,7 +4,9 @@ reason, and announced on ``esper.dlq.<stage>`` through the outbox."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
+from sqlalchemy import Table
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -12,7 +14,7 @@ from esper.bus import events as ev
 from esper.db.models import DeadLetter
 from esper.workers import inbox, outbox
 
-_dead = DeadLetter.__table__
+_dead = cast(Table, DeadLetter.__table__)
 
 _EXCERPT = 512
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import cast
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import Table, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.db.models import InboxEntry
 
-_inbox = InboxEntry.__table__
+_inbox = cast(Table, InboxEntry.__table__)
 
 
 # One statement for any batch size (arrays, not a VALUES list): prepared once.

@@ -20,10 +20,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from nats.js import JetStreamContext
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import Table, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -40,7 +40,7 @@ from esper.workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-_outbox = OutboxEntry.__table__
+_outbox = cast(Table, OutboxEntry.__table__)
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 
 
@@ -265,8 +265,9 @@ class OutboxRelay:
             TimeoutError("no publish ack") if f in pending else (f.exception() or f.result())
             for f in futures
         ]
-        pairs = zip(rows, results, strict=True)
-        acked = [row.id for row, r in pairs if not isinstance(r, BaseException)]
+        acked = [
+            row.id for row, r in zip(rows, results, strict=True) if not isinstance(r, BaseException)
+        ]
         failed = [r for r in results if isinstance(r, BaseException)]
         dups = sum(bool(getattr(r, "duplicate", False)) for r in results)
         if dups:

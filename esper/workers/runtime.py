@@ -252,7 +252,9 @@ class Worker:
     async def _process_group(self, msgs: list[Msg]) -> None:
         deliveries = [self._delivery(m) for m in msgs]
         work = [d for d in deliveries if d.event is not None]
-        out = _Outcome(dead=[(d, describe(d.error)) for d in deliveries if d.event is None])
+        out = _Outcome(
+            dead=[(d, describe(d.error)) for d in deliveries if d.error is not None]
+        )
         whole_batch = batch_capable(self.handler)
         outage = 0
         while True:
@@ -373,6 +375,8 @@ class Worker:
 
     def _dead_letter_info(self, d: _Delivery, reason: str) -> deadletter.DeadLetterInfo:
         data = d.msg.data or b""
+        event_id: str | None
+        correlation: str | None
         if d.event is not None:
             event_id, correlation = str(d.event.event_id), d.event.correlation_id
         else:
