@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from esper.db.engine import create_engine
 from esper.demo.report import (
@@ -32,14 +35,16 @@ from esper.train.task import TaskConfig, TeacherStudentTask, count_params
 
 Out = Callable[[str], None]
 
-DEMO_KASMINA = KasminaConfig(train_steps=100, graft_steps=50, stabilize_steps=None,
+DEMO_KASMINA = KasminaConfig(train_steps=80, graft_steps=40, stabilize_steps=None,
                              embargo_steps=150)
+"""A shorter lifecycle than the trainer's default: a demo has 1500 steps."""
 
 
 def demo_controller() -> PlateauController:
-    """The default heuristic, quicker to call a plateau: a demo has few steps."""
-    return PlateauController(warmup_steps=250, patience=3, min_improvement=0.08,
-                             cooldown_steps=50, stabilize_steps=100)
+    """The default heuristic, quicker to call a plateau (less than 15% better over
+    the last three evaluations) and to judge a graft: a demo has few steps."""
+    return PlateauController(warmup_steps=250, patience=3, min_improvement=0.15,
+                             cooldown_steps=50, stabilize_steps=60)
 
 
 def _on_kernel(say: Out) -> Callable[[KernelInfo], None]:
@@ -105,43 +110,69 @@ def _baselines(task: TeacherStudentTask, result: TrainResult, catalog: KernelCat
     return start, grown, count_params(grown_model)
 
 
-def grow_and_compare(opts: Any, endpoints: Endpoints, *, home: Path, public_key: Path,
-                     say: Out, timings: dict[str, float]) -> DemoSummary:
-    task = TeacherStudentTask(TaskConfig(), device=opts.device)
-    config = TrainConfig(steps=opts.steps, kasmina=DEMO_KASMINA)
-    run = TrainRun(
-        endpoints=endpoints, home=home, public_key=public_key, config=config,
-        controller=demo_controller(), wait_for_kernels=1, wait_timeout=30.0,
-        on_eval=_on_eval(say, opts.print_every), on_event=_on_event(say),
-        on_kernel=_on_kernel(say),
-    )
-    say(f"trainer: {task.name} on {task.device}, {config.steps} steps, host "
-        f"{count_params(task.make_host()):,} params, sites "
-        f"{', '.join(f'{s} float32[B, {task.cfg.width}]' for s in task.site_schemas)}")
-    t0 = time.perf_counter()
-    result, catalog = run.run(task)
-    timings["training"] = time.perf_counter() - t0
-    say(f"trainer done in {result.wall_s:.1f}s (median step {result.step_ms_median:.1f} ms, "
-        f"max {result.step_ms_max:.1f} ms)")
+@dataclass
+class Grown:
+    """The growing run and its comparisons, before the report."""
 
-    t0 = time.perf_counter()
-    say("training the static hosts for comparison…")
-    start, grown, grown_params = _baselines(task, result, catalog, config)
-    timings["baselines"] = time.perf_counter() - t0
+    task: TeacherStudentTask
+    config: TrainConfig
+    result: TrainResult
+    catalog: KernelCatalog
+    static_start: list[tuple[int, float]]
+    static_grown: list[tuple[int, float]] | None
+    grown_params: int
 
+
+def grow(opts: Any, endpoints: Endpoints, *, home: Path, public_key: Path, say: Out,
+         timings: dict[str, float]) -> Grown:
+    """Train the growing host (from its first usable kernel on), then the static ones."""
+    threads = torch.get_num_threads()
+    if opts.device == "cpu":
+        torch.set_num_threads(1)  # small matmuls: one thread is faster, and leaves a core
+    try:
+        task = TeacherStudentTask(TaskConfig(), device=opts.device)
+        config = TrainConfig(steps=opts.steps, kasmina=DEMO_KASMINA)
+        run = TrainRun(
+            endpoints=endpoints, home=home, public_key=public_key, config=config,
+            controller=demo_controller(), wait_for_kernels=1,
+            wait_timeout=opts.pipeline_timeout, on_eval=_on_eval(say, opts.print_every),
+            on_event=_on_event(say), on_kernel=_on_kernel(say),
+        )
+        say(f"trainer: {task.name} on {task.device}, {config.steps} steps, host "
+            f"{count_params(task.make_host()):,} params, sites "
+            f"{', '.join(f'{s} float32[B, {task.cfg.width}]' for s in task.site_schemas)}; "
+            "waiting for a kernel that fits")
+        t0 = time.perf_counter()
+        result, catalog = run.run(task)
+        timings["training"] = time.perf_counter() - t0
+        say(f"trainer done: {result.steps} steps in {result.wall_s:.1f}s (median step "
+            f"{result.step_ms_median:.1f} ms, max {result.step_ms_max:.1f} ms)")
+        t0 = time.perf_counter()
+        say("training the static hosts for comparison...")
+        start, grown, grown_params = _baselines(task, result, catalog, config)
+        timings["baselines"] = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return Grown(task, config, result, catalog, start, grown, grown_params)
+
+
+def report(opts: Any, g: Grown, endpoints: Endpoints, *, say: Out,
+           timings: dict[str, float]) -> DemoSummary:
+    """Read the history back from SQL, draw the PNG, print summary, journey and SQL."""
+    result = g.result
     history = asyncio.run(_history(endpoints.database_url, result.run_id))
     comparison = Comparison(
-        growing=result.final_val_loss, static_start=start[-1][1],
-        static_grown=None if grown is None else grown[-1][1],
-        params_start=result.params_start, params_grown=grown_params,
+        growing=result.final_val_loss, static_start=g.static_start[-1][1],
+        static_grown=None if g.static_grown is None else g.static_grown[-1][1],
+        params_start=result.params_start, params_grown=g.grown_params,
     )
     curves = [
         Curve("growing: train loss", _smooth(result.train_loss, 25), (158, 202, 225), 1),
         Curve("growing: val loss", result.val_loss, (31, 119, 180), 3),
-        Curve("static start size", start, (127, 127, 127), 2),
+        Curve("static start size", g.static_start, (127, 127, 127), 2),
     ]
-    if grown is not None:
-        curves.append(Curve("static grown size", grown, (255, 127, 14), 2))
+    if g.static_grown is not None:
+        curves.append(Curve("static grown size", g.static_grown, (255, 127, 14), 2))
     markers = [Marker(e.step, e.event, e.kernel or "") for e in result.events
                if e.event in ("germinated", "fossilized", "culled")]
     png = Path(opts.png).resolve()

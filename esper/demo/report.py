@@ -126,12 +126,14 @@ def format_summary(s: DemoSummary) -> str:
         f"{h.seeds.get('fossilized', 0)} fossilized, {h.seeds.get('culled', 0)} culled"
     )
     grown = "n/a (nothing fossilized)" if c.static_grown is None else f"{c.static_grown:.4f}"
-    lines += [
-        "final validation loss (same steps, same data):",
-        f"  growing host ({c.params_start:,} -> {c.params_grown:,} params)  {c.growing:.4f}",
-        f"  static host, start size ({c.params_start:,} params)       {c.static_start:.4f}",
-        f"  static host, grown size ({c.params_grown:,} params)      {grown}",
+    rows = [
+        (f"growing host ({c.params_start:,} -> {c.params_grown:,} params)", f"{c.growing:.4f}"),
+        (f"static host, start size ({c.params_start:,} params)", f"{c.static_start:.4f}"),
+        (f"static host, grown size ({c.params_grown:,} params)", grown),
     ]
+    width = max(len(label) for label, _ in rows) + 2
+    lines.append("final validation loss (same steps, same data):")
+    lines += [f"  {label:<{width}}{value}" for label, value in rows]
     if s.png is not None:
         lines.append(f"loss curve: {s.png} ({s.plot_backend})")
     if s.timings:
@@ -238,8 +240,9 @@ def _plot_builtin(path: Path, curves: list[Curve], markers: list[Marker], title:
         return top + (h - top - bottom) * (hi - math.log10(max(v, 1e-12))) / (hi - lo)
 
     grey = (200, 200, 200)
+    mults = (1, 2, 5) if hi - lo > 1 else (1, 1.5, 2, 3, 4, 5, 6, 8)
     for decade in range(math.floor(lo), math.ceil(hi) + 1):
-        for mult in (1, 2, 5):
+        for mult in mults:
             v = mult * 10.0**decade
             if lo <= math.log10(v) <= hi:
                 y = round(py(v))
@@ -258,9 +261,9 @@ def _plot_builtin(path: Path, curves: list[Curve], markers: list[Marker], title:
         canvas.dashed_vline(round(px(m.step)), top, h - bottom, color)
     for c in curves:
         canvas.polyline([(px(s), py(v)) for s, v in c.points if v > 0], c.color, c.width)
-    canvas.text(left, 14, title, scale=2)
+    canvas.text(left, 6, title, scale=2)
     canvas.text(w // 2 - 12, h - 18, "STEP")
-    canvas.text(8, top - 14, "LOSS (MSE, LOG)")
+    canvas.text(8, top - 12, "LOSS (MSE, LOG SCALE)")
     legend = [(c.label, c.color) for c in curves]
     legend += [(k, MARKER_COLORS[k]) for k in MARKER_COLORS if any(m.kind == k for m in markers)]
     lw = max(canvas.text_width(label) for label, _ in legend) + 30

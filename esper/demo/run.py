@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ from esper.settings import Settings
 from esper.stack.supervisor import Supervisor
 
 Out = Callable[[str], None]
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
 
 STAGES = ("compile", "validate", "deploy")
 
@@ -106,8 +112,16 @@ def _describe(row: HistoryRow) -> str:
     return row.event
 
 
+def demo_blueprints() -> list[dict[str, Any]]:
+    """The bundled blueprints, the one the trainer's sites take first (it is compiled
+    and validated first, so training starts early), then the unsafe one."""
+    irs = bundled()
+    order = sorted(irs, key=lambda name: (name != "residual_mlp", name))
+    return [irs[name].to_dict() for name in order] + [unsafe_blueprint()]
+
+
 async def _pipeline(endpoints: Endpoints, out: Out, timeout: float) -> Outcome:
-    blueprints: list[Any] = [ir.to_dict() for ir in bundled().values()] + [unsafe_blueprint()]
+    blueprints: list[Any] = demo_blueprints()
     client = await EsperClient.connect(endpoints)
     async with client:
         subs = await client.submit(blueprints)
@@ -122,13 +136,51 @@ async def _pipeline(endpoints: Endpoints, out: Out, timeout: float) -> Outcome:
                                  on_event=on_event, submissions=subs)
 
 
+class _PipelineWatch:
+    """Submits and follows the pipeline on a thread of its own, so the trainer can
+    start as soon as its first kernel is ready (the rest validate meanwhile)."""
+
+    def __init__(self, endpoints: Endpoints, say: Out, timeout: float) -> None:
+        self.outcome: Outcome | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._args = (endpoints, say, timeout)
+        self._thread = threading.Thread(target=self._run, name="esper-demo-pipeline",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.outcome = asyncio.run(_pipeline(*self._args))
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> Outcome:
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        if self.outcome is None:
+            raise TimeoutError(f"the pipeline did not finish within {timeout:.0f}s")
+        return self.outcome
+
+
 def run_demo(opts: DemoOptions, out: Out | None = None) -> Any:
     """Run everything; returns the DemoSummary (see esper.demo.report)."""
     from esper.artifacts.signing import ensure_keypair, public_key_path
     from esper.db.migrate import upgrade
     from esper.stack.servers import start_servers
 
-    say: Out = out or (lambda line: print(line, flush=True))
+    lock = threading.Lock()
+
+    def say(line: str) -> None:
+        with lock:  # three threads report: whole lines only
+            (out or _print)(line)
+
     started = time.perf_counter()
     timings: dict[str, float] = {}
     temp = opts.home is None
@@ -161,18 +213,19 @@ def run_demo(opts: DemoOptions, out: Out | None = None) -> Any:
         say(f"workers: {', '.join(STAGES)} (logs in {home / 'logs'})")
         timings["start-up"] = time.perf_counter() - started
 
-        t0 = time.perf_counter()
-        outcome = asyncio.run(_pipeline(endpoints, say, opts.pipeline_timeout))
-        timings["pipeline"] = time.perf_counter() - t0
+        from esper.demo import growth
+
+        pipeline = _PipelineWatch(endpoints, say, opts.pipeline_timeout)
+        pipeline.start()
+        grown = growth.grow(opts, endpoints, home=home, public_key=Path(public), say=say,
+                            timings=timings)
+        outcome = pipeline.join(opts.pipeline_timeout)
+        timings["pipeline"] = pipeline.seconds
         for note in supervisor.poll():
             say(note)
-        say(f"pipeline done in {timings['pipeline']:.1f}s: {len(outcome.ready)} ready, "
+        say(f"pipeline done in {pipeline.seconds:.1f}s: {len(outcome.ready)} ready, "
             f"{len(outcome.rejected)} rejected, {len(outcome.pending)} pending")
-
-        from esper.demo.growth import grow_and_compare
-
-        summary = grow_and_compare(opts, endpoints, home=home, public_key=Path(public),
-                                   say=say, timings=timings)
+        summary = growth.report(opts, grown, endpoints, say=say, timings=timings)
     finally:
         if supervisor is not None:
             supervisor.stop()
@@ -180,4 +233,5 @@ def run_demo(opts: DemoOptions, out: Out | None = None) -> Any:
         if temp and not opts.keep:
             shutil.rmtree(home, ignore_errors=True)
     summary.timings["total"] = time.perf_counter() - started
+    say(f"esper demo: done in {summary.timings['total']:.1f}s")
     return summary

@@ -242,8 +242,8 @@ class TrainerLink:
             return "not a seed kernel (one input, the same schema out)"
         if not any(fits(info.seed_schema, site) for site in self.sites):
             sites = ", ".join(sorted({str(s) for s in self.sites}))
-            return f"no site takes {info.seed_schema.dtype}{list(info.seed_schema.shape)} " \
-                   f"(sites: {sites})"
+            shape = ", ".join(map(str, info.seed_schema.shape))
+            return f"no site takes {info.seed_schema.dtype}[{shape}] (sites: {sites})"
         return None
 
     async def _name_only(self, info: KernelInfo, fetcher: ArtifactFetcher) -> None:
