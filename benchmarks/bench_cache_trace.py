@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -488,11 +489,13 @@ async def main(args: argparse.Namespace) -> TraceReport:
     pg = PostgresServer.start(root / "pg")
     try:
         await upgrade(pg.url)
-        return await run_trace(trace, nats.url, pg.url, root / "home", workers=args.workers,
-                               restarts=args.restarts, sample=args.sample)
+        report = await run_trace(trace, nats.url, pg.url, root / "home", workers=args.workers,
+                                 restarts=args.restarts, sample=args.sample)
     finally:
         nats.stop()
         pg.stop()
+    shutil.rmtree(root, ignore_errors=True)  # kept, with the workers' logs, on a failure
+    return report
 
 
 if __name__ == "__main__":
