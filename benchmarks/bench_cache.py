@@ -234,14 +234,17 @@ async def bench_tiers(tmp: Path, n: int) -> tuple[dict[str, dict[str, float]], i
     return r, len(packed)
 
 
-def render(results: dict[str, dict[str, float]], size: int, args: argparse.Namespace) -> str:
+def render(
+    results: dict[str, dict[str, float]], size: int, args: argparse.Namespace, load: str
+) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip() or "unknown"  # fmt: skip
     lines = [
         "## Caching plane",
         "",
         f"Device: {args.device}. Date: {dt.date.today().isoformat()}. Commit: `{commit}`. "
-        f"Python {platform.python_version()}.",
+        f"Python {platform.python_version()}. 1-min load average before/after: {load} "
+        "(the machine is shared; p99s move with it).",
         f"Command: `python benchmarks/bench_cache.py --n {args.n}`. "
         f"Artifact: {size / 1024:.0f} KiB (IR of a 50-node blueprint, generated source of six "
         "kernels, six 12 KB binaries + metadata JSON), signed "
@@ -299,11 +302,13 @@ def main() -> int:
     ap.add_argument("--device", default="2-core x86-64 CPU")
     ap.add_argument("--results", type=Path, help="RESULTS.md to write the section into")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     results = bench_keys(args.n * 20)
     with tempfile.TemporaryDirectory(prefix="esper-bench-cache-") as tmp:
         tiers, size = asyncio.run(bench_tiers(Path(tmp), args.n))
     results.update(tiers)
-    section = render(results, size, args)
+    load = f"{load_before:.1f}/{os.getloadavg()[0]:.1f}"
+    section = render(results, size, args, load)
     print(section)
     if args.results:
         write_section(args.results, section)
