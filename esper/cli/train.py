@@ -42,6 +42,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except EsperError as exc:
         print(f"esper train: {exc}", file=sys.stderr)
         return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif args.device == "cpu":
+        torch.set_num_threads(1)  # a small model: one thread is fastest, and leaves a core
     task = TeacherStudentTask(TaskConfig(seed=args.seed), device=args.device)
     config = TrainConfig(steps=args.steps, eval_every=args.eval_every,
                          run_id=args.run_id or uuid.uuid4().hex)
@@ -51,12 +55,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             return
         seeds = " ".join(f"{s.site}[{s.seed}]={s.state.name}" for s in obs.seeds) or "-"
         kernels = len({k.cache_key for ks in obs.kernels.values() for k in ks})
-        print(f"step {obs.step + 1:>6}  loss {obs.train_loss:.4f}  val {obs.val_loss:.4f}  "
+        print(f"step {obs.step:>6}  loss {obs.train_loss:.4f}  val {obs.val_loss:.4f}  "
               f"kernels {kernels}  seeds {seeds}", flush=True)
 
     def on_event(event: SeedEvent, detail: dict[str, Any]) -> None:
         name = detail.get("blueprint") or (event.cache_key or "")[:12]
-        print(f"step {event.step + 1:>6}  seed {event.site}[{event.seed}] {event.event:<13} "
+        print(f"step {event.step:>6}  seed {event.site}[{event.seed}] {event.event:<13} "
               f"{name}  ({event.reason})", flush=True)
 
     run = TrainRun(
@@ -73,11 +77,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    loaded = [k for k in catalog.snapshot() if k.source]
+    from esper.train.catalog import KernelStatus
+
+    loaded = [k for k in catalog.snapshot() if k.status is KernelStatus.LOADED]
+    retired = [k for k in catalog.snapshot() if k.status is KernelStatus.RETIRED]
     print(f"done in {result.wall_s:.1f}s: final val loss {result.final_val_loss:.4f}; "
           f"params {result.params_start} -> {result.params_final}; seeds germinated "
           f"{result.count('germinated')}, fossilized {result.count('fossilized')}, culled "
-          f"{result.count('culled')}; kernels loaded {len(loaded)}")
+          f"{result.count('culled')}; kernels loaded {len(loaded)}, retired {len(retired)}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "run_id": result.run_id, "steps": result.steps, "wall_s": result.wall_s,
@@ -98,6 +105,7 @@ def register(sub: Any) -> None:
     p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
     p.add_argument("--print-every", type=int, default=4, help="evaluations between lines")
     p.add_argument("--run-id", help="default: a fresh uuid")
+    p.add_argument("--threads", type=int, help="torch threads (default: 1 on cpu)")
     p.add_argument("--wait-kernels", type=int, default=0, metavar="N",
                    help="before training, wait until N kernels are loaded")
     p.add_argument("--wait-timeout", type=float, default=60.0)

@@ -8,7 +8,9 @@ controller gives the verdict that ends STABILIZATION.
 1. **Germinate on a plateau.** When no seed is live, past ``warmup_steps`` and
    ``cooldown_steps`` after the last seed settled, and the best validation loss
    of the last ``patience`` evaluations improved on the best before them by less
-   than ``min_improvement`` (relative), offer one kernel: at the site with the
+   than ``min_improvement`` (relative; the defaults, 15% over 3 evaluations of 50
+   steps, call learning that has slowed down a plateau, so that a run of a few
+   thousand steps grows several times), offer one kernel: at the site with the
    largest gradient signal (the host loss's gradient norm at the site's
    activation, per example) among sites with a free slot and a usable kernel;
    of that site's kernels, the one tried least there (culls count double),
@@ -90,11 +92,11 @@ class Controller(Protocol):
 class PlateauController:
     """The default heuristic; see the module docstring."""
 
-    warmup_steps: int = 300
-    patience: int = 4
-    min_improvement: float = 0.03
-    cooldown_steps: int = 100
-    stabilize_steps: int = 100
+    warmup_steps: int = 250
+    patience: int = 3
+    min_improvement: float = 0.15
+    cooldown_steps: int = 50
+    stabilize_steps: int = 60
     cull_tolerance: float = 0.02
     abort_factor: float = 1.5
     max_culls: int = 2

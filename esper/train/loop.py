@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 S = SeedState
 
 DEFAULT_KASMINA = KasminaConfig(
-    train_steps=150, graft_steps=50, stabilize_steps=None, embargo_steps=200
+    train_steps=80, graft_steps=40, stabilize_steps=None, embargo_steps=150
 )
 """TRAINING and GRAFTING run on Kasmina's schedule; the controller ends STABILIZATION."""
 

@@ -50,6 +50,8 @@ class TrainRun:
     on_eval: Progress | None = None
     on_event: Callable[[SeedEvent, dict[str, Any]], None] | None = None
     on_kernel: Callable[[KernelInfo], None] | None = None
+    waited_s: float = 0.0
+    """Set by ``run``: seconds from start to step 0 (connect, replay, kernel wait)."""
 
     def run(self, task: TeacherStudentTask) -> tuple[TrainResult, KernelCatalog]:
         catalog = KernelCatalog()
@@ -71,6 +73,7 @@ class TrainRun:
                 user_hook(event, detail)
 
         trainer.on_event = on_event
+        started = time.monotonic()
         link.start()
         try:
             if not link.wait_replayed(self.replay_timeout):
@@ -78,6 +81,7 @@ class TrainRun:
                             self.replay_timeout)
             if self.wait_for_kernels:
                 self._wait_for(catalog, trainer)
+            self.waited_s = time.monotonic() - started
             result = trainer.run()
         finally:
             link.stop()
