@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -28,9 +29,12 @@ from esper.workers.failures import is_transient
 log = logging.getLogger(__name__)
 
 
-def seed_message(run_id: str, event: SeedEvent, detail: dict[str, Any]) -> ev.SeedEventMsg:
-    """The wire event for one Kasmina transition of run ``run_id``."""
+def seed_message(
+    run_id: str, event: SeedEvent, detail: dict[str, Any], at: datetime | None = None
+) -> ev.SeedEventMsg:
+    """The wire event for one Kasmina transition of run ``run_id`` (``at``: when)."""
     return ev.SeedEventMsg(
+        occurred_at=at or datetime.now(UTC),
         correlation_id=run_id, run_id=run_id, site=event.site, seed=event.seed,
         event=event.event, from_state=event.from_state.name, to_state=event.to_state.name,
         step=event.step, kernel_cache_key=event.cache_key,

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ class TrainerLink:
         self.seedlog: SeedLog | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[tuple[SeedEvent, dict[str, Any]] | None] | None = None
+        self._queue: asyncio.Queue[tuple[SeedEvent, dict[str, Any], datetime] | None] | None = None
         self._started = threading.Event()
         self._replayed = threading.Event()
         self._error: BaseException | None = None
@@ -118,7 +119,8 @@ class TrainerLink:
             raise RuntimeError("the trainer link is not running")
         with self._lock:
             self._pending_records += 1
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (event, detail))
+        at = datetime.now(UTC)  # when it happened, not when the link got to it
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (event, detail, at))
 
     def wait_recorded(self, timeout: float) -> bool:
         """Until every recorded event is stored (tests; ``stop`` does this too)."""
@@ -295,7 +297,7 @@ class TrainerLink:
             stopping = None in items
             batch = [i for i in items if i is not None]
             if batch:
-                messages = [seed_message(self.config.run_id, e, d) for e, d in batch]
+                messages = [seed_message(self.config.run_id, e, d, at) for e, d, at in batch]
                 try:
                     await self.seedlog.write(messages)
                 except Exception:

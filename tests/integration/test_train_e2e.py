@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,7 +44,14 @@ from esper.train.run import TrainRun
 from esper.train.task import TaskConfig, TeacherStudentTask
 from esper.workers import passthrough
 from esper.workers.stages import get_stage
-from tests.integration.runtime_helpers import rows, running_worker, scalar, wait_for, wipe_bus
+from tests.integration.runtime_helpers import (
+    REPO,
+    rows,
+    running_worker,
+    scalar,
+    wait_for,
+    wipe_bus,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -233,6 +243,18 @@ async def test_retired_kernels_are_never_germinated_live_or_replayed(
     assert info is not None and info.status is KernelStatus.RETIRED
     assert result.events == []
     assert await scalar(engine, "SELECT count(*) FROM seed_events") == 0
+
+    # `esper train` itself, as a user runs it, sees the same.
+    env = {**os.environ, "ESPER_NATS_URL": bus, "ESPER_DATABASE_URL": database_url,
+           "ESPER_HOME": str(home), "PYTHONPATH": str(REPO)}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "esper", "train", "--steps", "60", "--eval-every", "20"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kernels loaded 0, retired 1" in done.stdout
+    assert "seeds germinated 0" in done.stdout
 
 
 async def _announce_artifact(engine: AsyncEngine, bus: str, signer: Any, name: str) -> str:
