@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -96,6 +97,8 @@ async def start_workers(args: argparse.Namespace, nats_url: str, db_url: str) ->
                 cmd += ["--concurrency", str(args.concurrency)]
             procs.append(_spawn(cmd, env))
         return procs
+    gc.freeze()  # as run_stage does for a worker process
+    gc.set_threshold(20_000, 20, 50)
     engines, workers, tasks = [], [], []
     handlers = {
         "compile": passthrough.compile_handler(),

@@ -79,9 +79,11 @@ class DeliveryPolicy:
     """How long a delivery may stay unacked and how often it is retried.
 
     ``ack_wait`` bounds a silent worker (crashed or hung); long handlers keep
-    their messages with ``in_progress()`` heartbeats. Redelivery after a
-    missed ack follows ``ack_wait * 2**n``; a handler's failure is nak'ed
-    with ``nak_delays[n]``."""
+    their messages with ``in_progress()`` heartbeats. A handler's failure is
+    nak'ed with ``nak_delays[n]`` (the retry backoff). The consumer gets no
+    server-side ``backoff`` list: with one set, nats-server 2.15 ignores a
+    nak's delay from the second redelivery on and waits ``backoff[n]`` instead
+    (measured: nak(0.2) with backoff [30, 60] came back after 30 s, then 60 s)."""
 
     ack_wait: float = 30.0
     max_deliver: int = 5
@@ -91,11 +93,6 @@ class DeliveryPolicy:
     def __post_init__(self) -> None:
         if self.ack_wait <= 0 or self.max_deliver < 2 or not self.nak_delays:
             raise ConfigError(f"invalid delivery policy {self}")
-
-    @property
-    def backoff(self) -> list[float]:
-        # The server wants fewer backoff steps than max_deliver.
-        return [self.ack_wait * 2**i for i in range(self.max_deliver - 1)]
 
     def nak_delay(self, num_delivered: int) -> float:
         return self.nak_delays[min(max(num_delivered, 1), len(self.nak_delays)) - 1]
@@ -138,7 +135,6 @@ class Topology:
             ack_policy=AckPolicy.EXPLICIT,
             filter_subject=spec.filter_subject,
             ack_wait=p.ack_wait,
-            backoff=p.backoff,
             max_deliver=p.max_deliver,
             max_ack_pending=p.max_ack_pending,
             max_waiting=512,

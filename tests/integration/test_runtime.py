@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -148,9 +150,11 @@ async def test_retry_naks_with_delay_then_succeeds_once(
     bus: str, database_url: str, engine: AsyncEngine
 ) -> None:
     deliveries: list[int] = []
+    at: list[float] = []
 
     def flaky(ctx: HandlerContext[Any]) -> None:
         deliveries.append(ctx.num_delivered)
+        at.append(time.monotonic())
         if ctx.num_delivered < 3:
             raise Retry("not yet", delay=0.2)
 
@@ -164,6 +168,10 @@ async def test_retry_naks_with_delay_then_succeeds_once(
 
         await wait_for(done, 15, "all five handled")
         assert deliveries == [1, 2, 3]
+        # The nak delay is what the server waits (a consumer backoff list would
+        # override it from the second redelivery on: see DeliveryPolicy).
+        gaps = [b - a for a, b in itertools.pairwise(at)]
+        assert all(0.15 < g < 1.5 for g in gaps), gaps
         assert await effects(engine) == {f"k{i}": 1 for i in range(5)}
         assert await scalar(engine, "SELECT count(*) FROM dead_letters") == 0
 
