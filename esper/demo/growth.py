@@ -158,6 +158,7 @@ def report(opts: Any, g: Grown, endpoints: Endpoints, *, say: Out,
         growing=result.final_val_loss, static_start=g.static_start[-1][1],
         static_grown=None if g.static_grown is None else g.static_grown[-1][1],
         params_start=result.params_start, params_grown=g.grown_params,
+        steps=result.steps, param_steps=result.param_steps,
     )
     curves = [
         Curve("growing: train loss", _smooth(result.train_loss, 25), (158, 202, 225), 1),

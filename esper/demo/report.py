@@ -82,6 +82,9 @@ class Comparison:
     static_grown: float | None
     params_start: int
     params_grown: int
+    steps: int = 0
+    param_steps: float = 0.0
+    """The growing run's compute: parameters in use, summed over steps."""
 
 
 @dataclass
@@ -134,6 +137,10 @@ def format_summary(s: DemoSummary) -> str:
     width = max(len(label) for label, _ in rows) + 2
     lines.append("final validation loss (same steps, same data):")
     lines += [f"  {label:<{width}}{value}" for label, value in rows]
+    if c.steps and c.param_steps and c.static_grown is not None:
+        share = c.param_steps / (c.params_grown * c.steps)
+        lines.append(f"compute (parameters in use x steps): the growing host used "
+                     f"{share:.0%} of the static grown host's")
     if s.png is not None:
         lines.append(f"loss curve: {s.png} ({s.plot_backend})")
     if s.timings:

@@ -75,6 +75,9 @@ class TrainResult:
     events: list[EventRecord] = field(default_factory=list)
     params_start: int = 0
     params_final: int = 0
+    param_steps: float = 0.0
+    """Sum over steps of the parameters in use (host + installed seeds): a compute
+    measure comparable with a static model's ``params * steps``."""
     fossils: list[tuple[str, str, str]] = field(default_factory=list)
     """(site, cache key, kernel name) of every fossilized seed, in order."""
     wall_s: float = 0.0
@@ -176,15 +179,20 @@ class Trainer:
         finally:
             self.result.wall_s = time.perf_counter() - started
             kas.close()
-        self.result.params_final = count_params(host) + sum(
-            count_params(m) for layer in kas.sites.values() for m in layer.seeds.values()
-        )
+        self.result.params_final = self.params_in_use()
         if step_s:
             self.result.step_ms_median = statistics.median(step_s) * 1e3
             self.result.step_ms_max = max(step_s) * 1e3
         return self.result
 
+    def params_in_use(self) -> int:
+        return count_params(self.host) + sum(
+            count_params(m) for layer in self.kasmina.sites.values() for m in layer.seeds.values()
+        )
+
     def _evaluate(self, step: int) -> None:
+        last = self.result.val_loss[-1][0] if self.result.val_loss else -1
+        self.result.param_steps += self.params_in_use() * (step - last)
         val = self.task.val_loss(self.host)
         self.result.val_loss.append((step, val))
         recent = self.result.train_loss[-self.config.eval_every:]
