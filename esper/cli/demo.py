@@ -27,7 +27,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        png=Path(args.png), steps=args.steps, keep=args.keep)
     try:
         summary = run_demo(opts)
-    except EsperError as exc:
+    except (EsperError, TimeoutError, ConnectionError) as exc:
         print(f"esper demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -120,7 +120,13 @@ class TrainerLink:
         with self._lock:
             self._pending_records += 1
         at = datetime.now(UTC)  # when it happened, not when the link got to it
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (event, detail, at))
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (event, detail, at))
+        except RuntimeError:  # the link's loop is gone (it failed): training goes on
+            with self._lock:
+                self._pending_records -= 1
+            log.error("trainer link is down: seed event %s of %s[%d] not recorded",
+                      event.event, event.site, event.seed)
 
     def wait_recorded(self, timeout: float) -> bool:
         """Until every recorded event is stored (tests; ``stop`` does this too)."""
