@@ -29,8 +29,9 @@ from esper.infra.endpoints import Endpoints
 from esper.kasmina import SeedEvent
 from esper.train.catalog import KernelCatalog, KernelInfo, KernelStatus
 from esper.train.controller import Observation, PlateauController
-from esper.train.loop import TrainConfig, Trainer, TrainResult, static_model, train_static
+from esper.train.loop import TrainConfig, Trainer, TrainResult
 from esper.train.run import TrainRun
+from esper.train.static import static_model, train_static
 from esper.train.task import TaskConfig, TeacherStudentTask, count_params
 
 Out = Callable[[str], None]

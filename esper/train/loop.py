@@ -11,12 +11,11 @@ import math
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from esper.errors import IllegalTransition
 from esper.kasmina import Kasmina, KasminaConfig, SeedEvent, SeedState, SiteSchema, add_seed_sites
@@ -268,38 +267,3 @@ class Trainer:
             n: 0.0 if g is None else float((g * scale).flatten(1).norm(dim=1).mean())
             for n, g in zip(names, grads, strict=True)
         }
-
-
-def static_model(
-    task: TeacherStudentTask, additions: Sequence[tuple[str, nn.Module]]
-) -> nn.Module:
-    """A plain host (no Kasmina) with fixed residual modules at its sites from the
-    start: ``out + sum(m(out) - out)`` at each site — a grown model's shape."""
-    host = task.make_host()
-    host.extra = nn.ModuleList(m for _, m in additions)  # type: ignore[assignment]
-    by_site: dict[str, list[nn.Module]] = {}
-    for site, module in additions:
-        by_site.setdefault(site, []).append(module)
-    for site, modules in by_site.items():
-
-        def hook(_m: nn.Module, _a: Any, out: torch.Tensor,
-                 modules: list[nn.Module] = modules) -> torch.Tensor:
-            return out + sum(m(out) - out for m in modules)
-
-        host.get_submodule(site).register_forward_hook(hook)
-    return host
-
-
-def train_static(task: TeacherStudentTask, model: nn.Module, steps: int, lr: float,
-                 eval_every: int) -> list[tuple[int, float]]:
-    """Train ``model`` on the task's batches; validation loss every ``eval_every`` steps."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    curve: list[tuple[int, float]] = []
-    for step in range(steps):
-        x, y = task.batch(step)
-        opt.zero_grad(set_to_none=True)
-        task.loss(model(x), y).backward()
-        opt.step()
-        if (step + 1) % eval_every == 0 or step == steps - 1:
-            curve.append((step, task.val_loss(model)))
-    return curve
