@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -290,38 +291,76 @@ async def test_two_workers_racing_on_one_new_key_compile_it_once(
 # -- faults ------------------------------------------------------------------------------
 
 
-async def test_compiler_crash_and_timeout_are_recorded_rejections_and_the_worker_goes_on(
+async def check_rejected(engine: AsyncEngine, sub: ev.BlueprintSubmitted, expected: str) -> None:
+    """A compile failure recorded everywhere: kernel failed, a rejected kernel event,
+    KernelRejected on the wire, all naming the cause."""
+    (rejected,) = await journey(engine, sub)
+    assert (rejected.event, rejected.status) == ("rejected", "failed")
+    (reason,) = rejected.detail["reasons"]
+    assert reason["check"] == "compile" and reason["message"].startswith(expected)
+    (out,) = await emitted(engine, sub)
+    assert isinstance(out, ev.KernelRejected) and out.stage == "compile"
+    assert out.reasons[0].message.startswith(expected)
+    kernel = (await rows(engine, "SELECT status, error FROM kernels WHERE id = :i",
+                         i=rejected.kernel_id))[0]
+    assert kernel.status == "failed" and kernel.error.startswith(expected)
+
+
+async def test_compiler_crash_is_a_recorded_rejection_and_the_worker_goes_on(
     bus: str, database_url: str, engine: AsyncEngine,
     make_handler: Callable[..., CompileHandler], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(TEST_FAULTS_ENV, "1")
-    crash, hang, fine = (dict(mlp_blueprint(i), name=name)
-                         for i, name in ((11, "crashme"), (12, "hangme"), (13, "fine")))
-    faults = {"_test_fault": {"crashme": "crash", "hangme": "hang"}}
-    handler = make_handler(options_extra=faults, compile_timeout=4.0)
-    async with compile_worker(bus, database_url, handler):
-        subs = await submit(bus, engine, crash, hang, fine)
+    crash, fine = (dict(mlp_blueprint(i), name=name) for i, name in ((11, "crashme"), (13, "ok")))
+    handler = make_handler(options_extra={"_test_fault": {"crashme": "crash"}})
+    async with compile_worker(bus, database_url, handler, concurrency=1):
+        (crashed,) = await submit(bus, engine, crash)
+        (compiled,) = await submit(bus, engine, fine)  # the same worker, next message
         (again,) = await submit(bus, engine, renamed(crash, 4))  # the failure is remembered
-    expected = {"crashme": "compiler crashed: killed by SIGSEGV",
-                "hangme": "compiler timed out after 4 s"}
-    for sub in subs[:2]:
-        (rejected,) = await journey(engine, sub)
-        assert (rejected.event, rejected.status) == ("rejected", "failed")
-        (reason,) = rejected.detail["reasons"]
-        assert reason["check"] == "compile" and reason["message"].startswith(expected[sub.name])
-        (out,) = await emitted(engine, sub)
-        assert isinstance(out, ev.KernelRejected) and out.stage == "compile"
-        assert out.reasons[0].message.startswith(expected[sub.name])
-        kernel = (await rows(engine, "SELECT status, error FROM kernels WHERE id = :i",
-                             i=rejected.kernel_id))[0]
-        assert kernel.status == "failed" and kernel.error.startswith(expected[sub.name])
-    (ok,) = await journey(engine, subs[2])
+    await check_rejected(engine, crashed, "compiler crashed: killed by SIGSEGV")
+    (ok,) = await journey(engine, compiled)
     assert ok.detail["cache"] == "miss" and ok.status == "compiled"
     (remembered,) = await journey(engine, again)
     assert remembered.event == "rejected" and remembered.detail["cache"] == "failed"
-    # Acked, not retried: one delivery each, nothing dead-lettered.
+    # Acked, not retried: nothing dead-lettered, one kernel row each.
     assert await scalar(engine, "SELECT count(*) FROM dead_letters") == 0
-    assert await scalar(engine, "SELECT count(*) FROM kernels") == 3
+    assert await scalar(engine, "SELECT count(*) FROM kernels") == 2
+
+
+async def test_compiler_timeout_kills_the_compiler_and_is_a_recorded_rejection(
+    bus: str, database_url: str, engine: AsyncEngine,
+    make_handler: Callable[..., CompileHandler], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    hang = dict(mlp_blueprint(12), name="hangme")
+    handler = make_handler(options_extra={"_test_fault": {"hangme": "hang"}},
+                           compile_timeout=3.0)
+    async with compile_worker(bus, database_url, handler, concurrency=1):
+        (hung,) = await submit(bus, engine, hang)
+        (again,) = await submit(bus, engine, renamed(hang, 5))  # still consuming
+    await check_rejected(engine, hung, "compiler timed out after 3 s")
+    (remembered,) = await journey(engine, again)
+    assert remembered.event == "rejected" and remembered.detail["cache"] == "failed"
+    assert await scalar(engine, "SELECT count(*) FROM dead_letters") == 0
+    assert not _compiler_children(), "the hung compiler was not killed"
+
+
+def _compiler_children() -> list[int]:
+    """Live ``compile_subprocess`` children of this process (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if (int(fields[1]) == os.getpid() and fields[0] != "Z"
+                and b"esper.stages.compile_subprocess" in cmdline):
+            found.append(int(entry))
+    return found
 
 
 async def test_test_faults_are_refused_unless_enabled(
