@@ -75,3 +75,8 @@ class Reject(EsperError):
 
 class IllegalTransition(EsperError, RuntimeError):
     """A seed was asked to move between lifecycle states the table does not allow."""
+
+
+class NatsAuthError(EsperError, ConnectionError):
+    """NATS refused this client for good: wrong credentials, or a TLS certificate
+    that does not verify. Retrying cannot help; the message says what to fix."""

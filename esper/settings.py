@@ -21,6 +21,13 @@ class Settings(BaseSettings):
     public_key: Path | None = None
     targets: str | None = None
     metrics_port: int | None = None
+    nats_creds: Path | None = None
+    """A NATS ``.creds`` file (user JWT + nkey seed) or a bare nkey seed file."""
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    stream_replicas: int = 1
+    """JetStream replicas of Esper's streams: 1 on one server, 3 on a cluster."""
     log_level: str = "INFO"
 
     @field_validator("home", mode="after")

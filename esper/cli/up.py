@@ -66,6 +66,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             "ESPER_DATABASE_URL": servers.endpoints.database_url,
             "ESPER_SIGNING_KEY": str(key),
             "ESPER_PUBLIC_KEY": str(settings.public_key or public_key_path(Path(key))),
+            # An embedded server is one node: its streams cannot have more replicas.
+            "ESPER_STREAM_REPLICAS": str(settings.stream_replicas if settings.nats_url else 1),
         }
         supervisor = Supervisor(counts, env)
         supervisor.start()

@@ -1,18 +1,34 @@
 """Prometheus metrics of one worker, in its own registry (several workers may
-share a process, e.g. in tests or a single-process `esper up`)."""
+share a process, e.g. in tests or a single-process `esper up`), served with a
+``/healthz`` for container probes."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class WorkerMetrics:
-    """Counters and gauges a stage's worker exports, labelled by stage."""
+    """Counters and gauges a stage's worker exports, labelled by stage.
+
+    Health: the lag probe reads the stage's consumer from JetStream every few
+    seconds; ``healthy()`` is true while its last success is under
+    ``health_max_age`` seconds old (a hung loop or a lost bus turns it false)."""
+
+    health_max_age = 30.0
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
+        self._last_seen: float | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._processed = Counter(
@@ -68,6 +84,7 @@ class WorkerMetrics:
         self._latency.labels(self.stage).observe(seconds)
 
     def set_lag(self, pending: int, ack_pending: int) -> None:
+        self._last_seen = time.monotonic()
         self._lag.labels(self.stage).set(pending)
         self._ack_pending.labels(self.stage).set(ack_pending)
 
@@ -82,6 +99,30 @@ class WorkerMetrics:
         found = self.registry.get_sample_value(name, {"stage": self.stage, **labels})
         return found or 0.0
 
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        """(ok, detail): ok while JetStream answered the lag probe recently."""
+        age = None if self._last_seen is None else time.monotonic() - self._last_seen
+        ok = age is not None and age < self.health_max_age
+        return ok, {"stage": self.stage, "ok": ok,
+                    "jetstream_seen_s_ago": None if age is None else round(age, 1)}
+
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Expose ``/metrics`` over HTTP on ``port`` (a daemon thread)."""
-        start_http_server(port, addr=addr, registry=self.registry)
+        """Expose ``/metrics`` and ``/healthz`` (200 or 503, JSON) over HTTP on
+        ``port`` (daemon threads)."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != "/healthz":
+                return metrics(environ, start_response)  # type: ignore[no-any-return]
+            ok, detail = self.healthy()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "application/json")])
+            return [json.dumps(detail).encode()]
+
+        server = make_server(addr, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds
+        pass
