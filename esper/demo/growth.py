@@ -171,7 +171,7 @@ def report(opts: Any, g: Grown, endpoints: Endpoints, *, say: Out,
     markers = [Marker(e.step, e.event, e.kernel or "") for e in result.events
                if e.event in ("germinated", "fossilized", "culled")]
     png = Path(opts.png).resolve()
-    backend = plot(png, curves, markers, "ESPER DEMO: TEACHER-STUDENT, A HOST THAT GROWS")
+    backend = plot(png, curves, markers, "Esper demo: teacher-student, a host that grows")
     summary = DemoSummary(history, comparison, png, backend, timings)
     say(format_summary(summary))
     say(format_journey(history))

@@ -268,7 +268,7 @@ def _plot_builtin(path: Path, curves: list[Curve], markers: list[Marker], title:
         canvas.dashed_vline(round(px(m.step)), top, h - bottom, color)
     for c in curves:
         canvas.polyline([(px(s), py(v)) for s, v in c.points if v > 0], c.color, c.width)
-    canvas.text(left, 6, title, scale=2)
+    canvas.text(left, 6, title.upper(), scale=2)
     canvas.text(w // 2 - 12, h - 18, "STEP")
     canvas.text(8, top - 12, "LOSS (MSE, LOG SCALE)")
     legend = [(c.label, c.color) for c in curves]

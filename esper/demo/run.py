@@ -223,8 +223,9 @@ def run_demo(opts: DemoOptions, out: Out | None = None) -> Any:
         timings["pipeline"] = pipeline.seconds
         for note in supervisor.poll():
             say(note)
-        say(f"pipeline done in {pipeline.seconds:.1f}s: {len(outcome.ready)} ready, "
-            f"{len(outcome.rejected)} rejected, {len(outcome.pending)} pending")
+        say(f"pipeline settled in {pipeline.seconds:.1f}s: {len(outcome.ready)} blueprints "
+            f"with every kernel ready, {len(outcome.rejected)} with a rejected kernel, "
+            f"{len(outcome.pending)} pending")
         summary = growth.report(opts, grown, endpoints, say=say, timings=timings)
     finally:
         if supervisor is not None:
