@@ -88,7 +88,7 @@ async def connect(
                 connect_timeout=2,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
+                reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; floats work
                 ping_interval=5,
                 max_outstanding_pings=3,
                 # Room for what a worker publishes while the server restarts.
