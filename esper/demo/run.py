@@ -184,7 +184,8 @@ def run_demo(opts: DemoOptions, out: Out | None = None) -> Any:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     temp = opts.home is None
-    home = Path(tempfile.mkdtemp(prefix="esper-demo-")) if temp else Path(opts.home).resolve()
+    home = Path(tempfile.mkdtemp(prefix="esper-demo-")) if opts.home is None else \
+        Path(opts.home).resolve()
     settings = Settings(home=home)
     say(f"esper demo: data in {home}{' (temporary)' if temp and not opts.keep else ''}")
     servers = start_servers(settings, sync_always=False)

@@ -19,8 +19,6 @@ from esper.db.models import OutboxEntry
 
 log = logging.getLogger(__name__)
 
-_outbox = OutboxEntry.__table__
-
 
 async def publish_committed(
     js: JetStreamContext,
@@ -49,8 +47,8 @@ async def publish_committed(
     if acked:
         async with sessions() as session, session.begin():
             await session.execute(
-                update(_outbox)
-                .where(_outbox.c.event_id.in_(acked), _outbox.c.sent_at.is_(None))
+                update(OutboxEntry)
+                .where(OutboxEntry.event_id.in_(acked), OutboxEntry.sent_at.is_(None))
                 .values(sent_at=func.now())
             )
     return len(acked)

@@ -50,17 +50,18 @@ class Teacher(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(cfg.seed)
         self.stem = nn.Linear(cfg.d_in, cfg.width)
-        self.blocks = nn.ModuleList(
-            _TeacherBlock(cfg.width, cfg.teacher_hidden) for _ in range(cfg.teacher_blocks)
-        )
+        blocks = [_TeacherBlock(cfg.width, cfg.teacher_hidden) for _ in range(cfg.teacher_blocks)]
+        self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(cfg.width, cfg.d_out)
         with torch.no_grad():
             for p in self.parameters():
                 fan_in = p.shape[-1] if p.dim() > 1 else p.shape[0]
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            for m in (self.stem, *(b.up for b in self.blocks), *(b.down for b in self.blocks)):
+            for m in (self.stem, *(b.up for b in blocks), *(b.down for b in blocks)):
                 m.weight.mul_(cfg.teacher_gain)
         self.requires_grad_(False)
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.zeros(cfg.d_out))
         self.register_buffer("std", torch.ones(cfg.d_out))
         with torch.no_grad():
