@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -258,6 +259,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await stop_workers(args, handle)
         nats.stop()
         pg.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def cli() -> argparse.Namespace:
