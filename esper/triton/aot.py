@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from esper.triton.aot_compile import compile_request
-from esper.triton.plan import KernelConfig, Plan
-from esper.triton.runtime import JitLauncher, Launcher, stored
+from esper.triton.plan import FusedStep, KernelConfig, Plan
+from esper.triton.runtime import JitLauncher, Launcher, stored, stored_index
 
 log = logging.getLogger("esper.triton")
 
@@ -44,26 +44,44 @@ def parse_target(target: str) -> tuple[str, int, int]:
 def kernel_requests(plan: Plan) -> list[dict[str, Any]]:
     """One compile request per kernel: its signature, alignment, constexprs, options."""
     out = []
-    act = _PTR[plan.dtype]
     for g in plan.groups():
         if g.impl != "triton":
             continue
-        for key, prog, cfg in ((g.fwd_kernel, g.fwd, g.fwd_cfg), (g.bwd_kernel, g.bwd, g.bwd_cfg)):
-            if prog is None or cfg is None:
-                continue
-            kept = stored(prog)
-            sig: dict[str, str] = {f"in_{i}": act for i in range(len(kept.inputs))}
-            for j, (_, vid) in enumerate(kept.outputs):
-                sig[f"out_{j}"] = act if kept.kind(vid) in ("full", "row") else "*fp32"
-            n_ptr = len(sig)
-            sig["n_rows"] = "i32"
-            sig["BLOCK_R"] = "constexpr"
-            out.append({
-                "key": key, "fn": key, "signature": sig, "aligned": list(range(n_ptr)),
-                "constexprs": {"BLOCK_R": cfg.block_r},
-                "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-            })
+        for which, cfg in (("fwd", g.fwd_cfg), ("bwd", g.bwd_cfg)):
+            if (g.fwd if which == "fwd" else g.bwd) is not None and cfg is not None:
+                out.append(kernel_request(g, which, cfg, plan.dtype))
     return out
+
+
+def kernel_request(g: FusedStep, which: str, cfg: KernelConfig, dtype: str) -> dict[str, Any]:
+    """The compile request of group ``g``'s ``which`` ("fwd"/"bwd") kernel under ``cfg``."""
+    act = _PTR[dtype]
+    prog = g.fwd if which == "fwd" else g.bwd
+    assert prog is not None
+    key = g.fwd_kernel if which == "fwd" else g.bwd_kernel
+    kept = stored(prog)
+    sig: dict[str, str] = {f"in_{i}": act for i in range(len(kept.inputs))}
+    for j in range(len(kept.outputs)):
+        sig[f"out_{j}"] = act  # col/scalar outputs: the final sums, same dtype
+    if kept.has_col_reduction():
+        sig["ws"], sig["lock"] = "*fp32", "*i32"
+    acc = accumulating(g) if which == "bwd" else ()
+    sig.update({f"prev_{j}": act for j in acc})
+    n_ptr = len(sig)
+    sig.update({f"has_prev_{j}": "i32" for j in acc})
+    sig["n_rows"] = "i32"
+    sig["BLOCK_R"] = "constexpr"
+    return {
+        "key": key, "fn": key, "signature": sig, "aligned": list(range(n_ptr)),
+        "constexprs": {"BLOCK_R": cfg.block_r},
+        "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+    }
+
+
+def accumulating(g: FusedStep) -> tuple[int, ...]:
+    """The backward kernel's stored outputs that add an existing grad (``bwd_acc``)."""
+    assert g.bwd is not None
+    return tuple(stored_index(g.bwd, j) for j in g.bwd_acc)
 
 
 def compile_binaries(source: str, requests: list[dict[str, Any]], target: str,
@@ -207,6 +225,20 @@ def local_target() -> str | None:
         return None
 
 
+def compile_local(module: Any, request: dict[str, Any], target: str) -> BinaryLauncher:
+    """Compile one kernel request in this process for ``target``; a launcher for it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attrs = {(i,): [["tt.divisibility", 16]] for i in request["aligned"]}
+    src = ASTSource(fn=getattr(module, request["fn"]), signature=request["signature"],
+                    constexprs=request["constexprs"], attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget(*parse_target(target)),
+                            options=request["options"])
+    return BinaryLauncher(kernel)
+
+
 def recompile_in_background(module: Any, requests: list[dict[str, Any]], target: str,
                             on_done: Callable[[dict[str, Launcher]], None]) -> threading.Thread:
     """Compile the shipped source for the local GPU off the training thread."""
@@ -214,19 +246,8 @@ def recompile_in_background(module: Any, requests: list[dict[str, Any]], target:
     def work() -> None:
         start = time.perf_counter()
         try:
-            import triton
-            from triton.compiler import ASTSource
-
-            launchers: dict[str, Launcher] = {}
-            backend, arch, warp = parse_target(target)
-            from triton.backends.compiler import GPUTarget
-
-            for r in requests:
-                attrs = {(i,): [["tt.divisibility", 16]] for i in r["aligned"]}
-                src = ASTSource(fn=getattr(module, r["fn"]), signature=r["signature"],
-                                constexprs=r["constexprs"], attrs=attrs)
-                k = triton.compile(src, target=GPUTarget(backend, arch, warp), options=r["options"])
-                launchers[r["key"]] = BinaryLauncher(k)
+            launchers: dict[str, Launcher] = {r["key"]: compile_local(module, r, target)
+                                              for r in requests}
             on_done(launchers)
             log.warning("triton kernels recompiled from source for %s in %.2f s; switched over "
                         "from the reference backend", target, time.perf_counter() - start)

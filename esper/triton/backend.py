@@ -29,8 +29,9 @@ from esper.ir import BlueprintIR
 from esper.triton import aot
 from esper.triton.codegen import emit_module
 from esper.triton.derivatives import backward_program
-from esper.triton.plan import Plan
-from esper.triton.runtime import stored
+from esper.triton.plan import Plan, TorchStep
+from esper.triton.runtime import aliases, stored
+from esper.triton.tiles import TileProgram
 from esper.triton.tune import apply_heuristics
 
 if TYPE_CHECKING:
@@ -50,18 +51,30 @@ def build_plan(ir: BlueprintIR, dtype: str, arch: int = 90) -> tuple[Plan, str]:
 
     plan = partition(ir, node_attrs(ir))
     plan.dtype = dtype
+    uses: dict[str, int] = {}  # steps reading each value (+1 for a graph output)
+    for s in plan.steps:
+        read = s.inputs if isinstance(s, TorchStep) else [i.value for i in s.inputs]
+        for v in set(read):
+            uses[v] = uses.get(v, 0) + 1
+    for v in plan.outputs:
+        uses[v] = uses.get(v, 0) + 1
     for g in plan.groups():
         g.bwd = backward_program(g.fwd)
+        skip = aliases(g.bwd)
+        # a stored full grad of a value read elsewhere too: add the other grad in-kernel
+        g.bwd_acc = [j for j, i in enumerate(g.inputs)
+                     if i.param is None and i.kind == "full" and uses.get(i.value, 0) > 1
+                     and j not in skip]
     apply_heuristics(plan, arch)
     return plan, plan_source(plan)
 
 
 def plan_source(plan: Plan) -> str:
-    kernels = []
+    kernels: list[tuple[str, TileProgram, int, tuple[int, ...]]] = []
     for g in plan.groups():
-        kernels.append((g.fwd_kernel, stored(g.fwd), g.c))
+        kernels.append((g.fwd_kernel, stored(g.fwd), g.c, ()))
         if g.bwd is not None:
-            kernels.append((g.bwd_kernel, stored(g.bwd), g.c))
+            kernels.append((g.bwd_kernel, stored(g.bwd), g.c, aot.accumulating(g)))
     return emit_module(kernels)
 
 

@@ -3,9 +3,12 @@
 One generator serves elementwise regions, row reductions (softmax, norms,
 sum/mean/max over the last dim) and the epilogues around cuBLAS matmuls: each
 program instance owns ``BLOCK_R`` whole rows (``BC = next_pow2(C)`` columns), so
-a row reduction never leaves registers. Kernels that produce partial sums over
-rows (bias / norm-gain grads) loop over row blocks with a capped grid and keep
-the partial in registers, writing one ``[C]`` row per program. The emitted file
+a row reduction never leaves registers. Kernels that produce sums over rows
+(bias / norm-gain grads) loop over row blocks with a capped grid and keep the
+partial in registers; each program adds its partial into an fp32 workspace
+(atomics) and the last program to finish writes the total in the output's dtype
+and zeroes the workspace for the next launch: no reduction kernel after it. The
+emitted file
 imports only ``triton`` (never torch), so it can be compiled ahead of time for a
 target the compiling machine does not have."""
 
@@ -155,12 +158,18 @@ def _live(p: TileProgram, deferred: dict[int, int]) -> list[bool]:
     return need
 
 
-def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None) -> str:
+def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None,
+                accumulate: tuple[int, ...] = ()) -> str:
     """Source of one ``@triton.jit`` kernel computing ``p`` on tiles of ``C = c`` columns.
 
     Arguments, in order: one pointer per input (``[rows, C]``, ``[rows]``, ``[C]``
-    or ``[1]`` by kind), one per output (col/scalar outputs are fp32 partials of
-    shape ``[grid, C]`` / ``[grid]``), ``n_rows``, then constexpr ``BLOCK_R``."""
+    or ``[1]`` by kind), one per output (col/scalar outputs: the final ``[C]`` /
+    ``[1]`` sums), then, when there are col/scalar outputs, ``ws`` (fp32, one
+    zeroed ``[C]`` row per such output) and ``lock`` (int32 ``[1]``, zero);
+    then ``prev_j`` pointers and ``has_prev_j`` ints for each full output ``j``
+    in ``accumulate`` (when ``has_prev_j`` is not 0 the kernel stores
+    ``value + prev_j``: a grad added to the one already there, in one pass);
+    ``n_rows``, then constexpr ``BLOCK_R``. ``ws`` and ``lock`` are left zeroed."""
     bc = next_pow2(c)
     col_masked = bc != c
     loop = p.has_col_reduction() if loop is None else loop
@@ -173,6 +182,10 @@ def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None) 
     inv = _invariant(p) if loop else [False] * len(p.vals)
     ins = [f"in_{i}" for i in range(len(p.inputs))]
     outs = [f"out_{j}" for j in range(len(p.outputs))]
+    partial = [(j, vid) for j, (_, vid) in enumerate(p.outputs) if p.kind(vid) in ("col", "scalar")]
+    if partial:
+        outs += ["ws", "lock"]
+    outs += [f"prev_{j}" for j in accumulate] + [f"has_prev_{j}" for j in accumulate]
     doc = ", ".join(f"in_{i}={n}:{k}" for i, (n, k) in enumerate(p.inputs))
     docs = ", ".join(f"out_{j}={n}:{p.kind(v)}" for j, (n, v) in enumerate(p.outputs))
     lines = [
@@ -210,7 +223,6 @@ def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None) 
     for i in range(len(p.vals)):
         if live[i] and inv[i]:
             emit_val(i, "    ")
-    partial = [(j, vid) for j, (_, vid) in enumerate(p.outputs) if p.kind(vid) in ("col", "scalar")]
     for j, vid in partial:
         shape = f"[1, {bc}]" if p.kind(vid) == "col" else "[1, 1]"
         if j in deferred:
@@ -241,21 +253,58 @@ def emit_kernel(fn_name: str, p: TileProgram, c: int, loop: bool | None = None) 
         cast = f"{name[vid]}.to(out_{j}.dtype.element_ty)"
         if kind == "full":
             mask = "m2" if col_masked else "rm2"
+            if j in accumulate:
+                lines += [
+                    f"{ind}r{j} = {name[vid]}",
+                    f"{ind}if has_prev_{j} != 0:",
+                    f"{ind}    r{j} = r{j} + tl.load(prev_{j} + offs, mask={mask}, other=0.0)"
+                    ".to(tl.float32)",
+                ]
+                cast = f"r{j}.to(out_{j}.dtype.element_ty)"
             lines.append(f"{ind}tl.store(out_{j} + offs, {cast}, mask={mask})")
         elif kind == "row":
             lines.append(f"{ind}tl.store(out_{j} + rows2, {cast}, mask=rm2)")
         else:
             lines.append(f"{ind}acc_{j} += {name[vid]}")
-    for j, vid in partial:
-        if j in deferred:
-            lines.append(f"    acc_{j} = tl.sum(acc_{j}, axis=0)[None, :]")
-        if p.kind(vid) == "col":
-            lines.append(f"    tl.store(out_{j} + pid * {c} + cols2, acc_{j}, mask=cm2)")
-        else:
-            lines.append(f"    tl.store(out_{j} + pid + tl.zeros([1, 1], tl.int32), acc_{j})")
+    if partial:
+        lines += _finish_partials(p, partial, deferred, c, bc)
     return "\n".join(lines) + "\n"
 
 
-def emit_module(kernels: list[tuple[str, TileProgram, int]]) -> str:
-    """One importable source file holding the helpers and every kernel."""
-    return HEADER + "".join("\n\n" + emit_kernel(n, p, c) for n, p, c in kernels)
+def _finish_partials(p: TileProgram, partial: list[tuple[int, int]], deferred: dict[int, int],
+                     c: int, bc: int) -> list[str]:
+    """Each program adds its partials into ``ws``; the last one to take a ticket
+    (acq_rel atomics, so every other program's adds are visible to it) reads the
+    totals back through L2, stores them in the output dtype and re-zeroes ``ws``
+    and ``lock`` for the next launch."""
+    lines = ["    z11 = tl.zeros([1, 1], tl.int32)"]
+    done: list[tuple[int, str, str, str, str]] = []  # (j, ws ptr, mask, out ptr, shape)
+    for k, (j, vid) in enumerate(partial):
+        if j in deferred:
+            lines.append(f"    acc_{j} = tl.sum(acc_{j}, axis=0)[None, :]")
+        if p.kind(vid) == "col":
+            item = (j, f"ws + {k * c} + cols2", ", mask=cm2", f"out_{j} + cols2", f"[1, {bc}]")
+        else:
+            item = (j, f"ws + {k * c} + z11", "", f"out_{j} + z11", "[1, 1]")
+        done.append(item)
+        lines.append(f"    tl.atomic_add({item[1]}, acc_{j}{item[2]})")
+    lines += [
+        "    tl.debug_barrier()",
+        "    ticket = tl.atomic_add(lock, 1)",
+        "    if ticket == tl.num_programs(0) - 1:",
+    ]
+    for j, ws, mask, dst, shape in done:
+        lines += [
+            f"        tot_{j} = tl.atomic_add({ws}, tl.zeros({shape}, tl.float32){mask})",
+            f"        tl.store({ws}, tl.zeros({shape}, tl.float32){mask})",
+            f"        tl.store({dst}, tot_{j}.to(out_{j}.dtype.element_ty){mask})",
+        ]
+    lines.append("        tl.store(lock, 0)")
+    return lines
+
+
+def emit_module(kernels: list[tuple[str, TileProgram, int, tuple[int, ...]]]) -> str:
+    """One importable source file holding the helpers and every kernel
+    (name, program, C, outputs that accumulate)."""
+    return HEADER + "".join("\n\n" + emit_kernel(n, p, c, accumulate=a)
+                            for n, p, c, a in kernels)

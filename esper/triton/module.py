@@ -1,32 +1,42 @@
 """The Triton backend's module: a ``BlueprintModule`` (same parameters, same keys,
-same init as the reference) that runs the plan: torch steps for matmuls and
-layout ops, fused groups through their kernels. Until its kernels are ready
-(a background recompile after a Triton version mismatch) it serves the
-reference implementation on the very same parameters."""
+same init as the reference) that runs the plan as one schedule: cuBLAS/cuDNN
+calls and fused kernel launches under a single autograd function
+(``esper.triton.autograd``). Until its kernels are ready (a background recompile
+after a Triton version mismatch) it serves the reference implementation on the
+very same parameters."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from esper.compile.inputs import bind_inputs
 from esper.compile.lowering import LOWERING, RunContext, node_attrs
 from esper.compile.params import BlueprintModule
 from esper.compile.reference import TorchBlueprintModule
 from esper.ir import BlueprintIR, IRNodeType
-from esper.triton.autograd import run_group
+from esper.triton.autograd import Schedule
 from esper.triton.plan import FusedStep, Plan, TorchStep
 from esper.triton.runtime import GroupRunner, Launcher
+from esper.triton.steps import (
+    ConvStep,
+    GroupStep,
+    LinearStep,
+    MatmulStep,
+    PermuteStep,
+    ReshapeStep,
+    Step,
+    TorchGraphStep,
+)
 
 log = logging.getLogger("esper.triton")
 
 Kernels = dict[str, Launcher]
-Call = Callable[[dict[str, torch.Tensor], dict[str, int], RunContext], None]
+Op = IRNodeType
 
 
 class TritonBlueprintModule(BlueprintModule):
@@ -38,9 +48,12 @@ class TritonBlueprintModule(BlueprintModule):
         self.plan = plan
         self._attrs = node_attrs(ir)
         self._nodes = {n.id: n for n in ir.nodes}
+        self._pkeys = list(self.param_keys.values())  # the schedule's parameter order
+        self._pindex = {nk: i for i, nk in enumerate(self.param_keys)}
+        self._training = [self.training]  # read by torch-op steps (dropout)
         self._lock = threading.Lock()
-        self._calls: list[Callable[[dict[str, torch.Tensor], dict[str, int], RunContext], None]]
-        self._calls = []
+        self._schedule: Schedule | None = None
+        self._symbols: dict[tuple[Any, ...], dict[str, int]] = {}
         self._reference: TorchBlueprintModule | None = None
         self.backend_in_use = "reference"
         if kernels is not None:
@@ -50,15 +63,21 @@ class TritonBlueprintModule(BlueprintModule):
 
     def install(self, kernels: Kernels) -> None:
         """Switch to the given kernels (called again by a background recompile)."""
-        calls = [self._make_call(s, kernels) for s in self.plan.steps]
+        schedule = self._build(kernels)
         with self._lock:
-            self._calls = calls
+            self._schedule = schedule
             self.backend_in_use = "triton"
-        log.info("blueprint %r: triton kernels installed (%d steps)", self.ir.name, len(calls))
+        log.info("blueprint %r: triton kernels installed (%d steps)", self.ir.name,
+                 len(schedule.steps))
 
     @property
     def ready(self) -> bool:
         return self.backend_in_use == "triton"
+
+    def train(self, mode: bool = True) -> TritonBlueprintModule:
+        super().train(mode)
+        self._training[0] = mode
+        return self
 
     def _reference_module(self) -> TorchBlueprintModule:
         if self._reference is None:
@@ -68,87 +87,135 @@ class TritonBlueprintModule(BlueprintModule):
         assert self._reference is not None
         return self._reference
 
-    # -- steps -----------------------------------------------------------------
+    # -- schedule ---------------------------------------------------------------
 
-    def _make_call(self, step: TorchStep | FusedStep, kernels: Kernels
-                   ) -> Callable[[dict[str, torch.Tensor], dict[str, int], RunContext], None]:
-        if isinstance(step, TorchStep):
-            return self._torch_call(step)
-        if step.impl == "torch":
-            return self._group_torch_call(step)
-        runner = GroupRunner(step, kernels[step.fwd_kernel], kernels.get(step.bwd_kernel),
-                             self.compute_dtype)
-        in_values = [i.value for i in step.inputs]
-        params = [(j, self.param_keys[(i.param[0], i.param[1])])
-                  for j, i in enumerate(step.inputs) if i.param is not None]
-        out_values = [o.value for o in step.outputs]
+    def _build(self, kernels: Kernels) -> Schedule:
+        slots: dict[str, int] = {}
 
-        def call(env: dict[str, torch.Tensor], symbols: dict[str, int], ctx: RunContext) -> None:
-            args = [env.get(v) for v in in_values]
-            for j, key in params:
-                args[j] = self.params[key]
-            outs = run_group(runner, args, symbols)  # type: ignore[arg-type]
-            for v, t in zip(out_values, outs, strict=True):
-                env[v] = t
+        def slot(v: str) -> int:
+            return slots.setdefault(v, len(slots))
 
-        return call
-
-    def _torch_call(self, step: TorchStep
-                    ) -> Callable[[dict[str, torch.Tensor], dict[str, int], RunContext], None]:
-        node = self._nodes[step.node]
-        attrs = self._attrs[step.node]
-        keys = {n: k for (nid, n), k in self.param_keys.items() if nid == step.node}
-        if node.op is IRNodeType.LINEAR and step.bias is False:
-            wkey = keys["weight"]
-
-            def mm(env: dict[str, torch.Tensor], symbols: dict[str, int], ctx: RunContext) -> None:
-                env[step.out] = F.linear(env[step.inputs[0]], self.params[wkey])
-
-            return mm
-        rule = LOWERING[node.op]
-
-        def call(env: dict[str, torch.Tensor], symbols: dict[str, int], ctx: RunContext) -> None:
-            params = {n: self.params[k] for n, k in keys.items()}
-            env[step.out] = rule(attrs, [env[v] for v in step.inputs], params, ctx)
-
-        return call
-
-    def _group_torch_call(self, step: FusedStep) -> Call:
-        """A group that measured faster as plain torch ops (its bias adds included)."""
-        units: list[tuple[Any, Any, str]] = []
-        for u in step.units:
-            if u.op == "bias":
-                key = self.param_keys[(u.node, "bias")]
-                units.append((u, None, key))
+        for v in self.plan.inputs:
+            slot(v)
+        steps: list[Step] = []
+        for s in self.plan.steps:
+            if isinstance(s, TorchStep):
+                steps.append(self._torch_step(s, slot))
+            elif s.impl == "torch":
+                steps.append(self._group_torch_step(s, slot))
             else:
-                units.append((u, LOWERING[IRNodeType(u.op)], ""))
-        keys_of = {
-            u.node: {n: k for (nid, n), k in self.param_keys.items() if nid == u.node}
-            for u in step.units
-        }
+                runner = GroupRunner(s, kernels[s.fwd_kernel], kernels.get(s.bwd_kernel),
+                                     self.compute_dtype)
+                args = tuple(("param", self._pindex[(i.param[0], i.param[1])])
+                             if i.param is not None else ("slot", slot(i.value))
+                             for i in s.inputs)
+                ins = tuple(i for kind, i in args if kind == "slot")
+                pins = tuple(i for kind, i in args if kind == "param")
+                steps.append(GroupStep(ins=ins, outs=tuple(slot(o.value) for o in s.outputs),
+                                       pins=pins, saves=ins, runner=runner, args=args))
+        return Schedule(steps, len(slots), [slots[v] for v in self.plan.inputs],
+                        [slot(v) for v in self.plan.outputs], len(self._pkeys))
 
-        def call(env: dict[str, torch.Tensor], symbols: dict[str, int], ctx: RunContext) -> None:
-            for u, rule, bias_key in units:
+    def _params_of(self, node: str) -> dict[str, int]:
+        return {n: i for (nid, n), i in self._pindex.items() if nid == node}
+
+    def _torch_step(self, step: TorchStep, slot: Any) -> Step:
+        node = self._nodes[step.node]
+        a = self._attrs[step.node]
+        ins = tuple(slot(v) for v in step.inputs)
+        outs = (slot(step.out),)
+        prm = self._params_of(step.node)
+        if node.op is Op.LINEAR:
+            bias = bool(step.bias) and "bias" in prm
+            pins = (prm["weight"], prm["bias"]) if bias else (prm["weight"],)
+            return LinearStep(ins=ins, outs=outs, pins=pins, saves=ins, bias=bias)
+        if node.op is Op.CONV2D and isinstance(a["padding"], tuple):
+            bias = "bias" in prm
+            pins = (prm["weight"], prm["bias"]) if bias else (prm["weight"],)
+            return ConvStep(ins=ins, outs=outs, pins=pins, saves=ins, stride=a["stride"],
+                            padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
+                            bias=bias)
+        if node.op is Op.MATMUL and self._plain_matmul(step):
+            return MatmulStep(ins=ins, outs=outs, saves=ins)
+        if node.op is Op.PERMUTE:
+            return PermuteStep(ins=ins, outs=outs, dims=tuple(a["dims"]))
+        if node.op is Op.RESHAPE:
+            return ReshapeStep(ins=ins, outs=outs, shape=tuple(a["shape"]))
+        rule = LOWERING[node.op]
+        names = list(prm)
+
+        def fn(xs: list[torch.Tensor], ps: list[torch.Tensor], symbols: dict[str, int],
+               training: bool) -> list[torch.Tensor]:
+            ctx = RunContext(symbols=symbols, training=training)
+            return [rule(a, xs, dict(zip(names, ps, strict=True)), ctx)]
+
+        return TorchGraphStep(ins=ins, outs=outs, pins=tuple(prm.values()), fn=fn,
+                              training=self._training)
+
+    def _plain_matmul(self, step: TorchStep) -> bool:
+        """Operands with identical batch dims, or a 2-D right operand: no broadcast."""
+        shapes = self.ir.infer_shapes()
+        a, b = (tuple(shapes[v].shape) for v in step.inputs)
+        if len(a) < 2 or len(b) < 2:
+            return False
+        return len(b) == 2 or a[:-2] == b[:-2]
+
+    def _group_torch_step(self, step: FusedStep, slot: Any) -> Step:
+        """A group that measured faster as plain torch ops (its bias adds included)."""
+        inside = {u.out for u in step.units}
+        ext: list[str] = []
+        pins: list[int] = []
+        for u in step.units:
+            ext.extend(v for v in u.inputs if v not in inside and v not in ext)
+            for i in self._params_of(u.node).values():
+                if i not in pins:
+                    pins.append(i)
+        pos = {i: j for j, i in enumerate(pins)}
+        plan_units: list[tuple[Any, Any, dict[str, int]]] = []
+        for u in step.units:
+            prm = {n: pos[i] for n, i in self._params_of(u.node).items()}
+            if u.op == "bias":
+                plan_units.append((u, None, {"bias": prm["bias"]}))
+            else:
+                plan_units.append((u, LOWERING[IRNodeType(u.op)], prm))
+        outputs = [o.value for o in step.outputs]
+        attrs = self._attrs
+
+        def fn(xs: list[torch.Tensor], ps: list[torch.Tensor], symbols: dict[str, int],
+               training: bool) -> list[torch.Tensor]:
+            env = dict(zip(ext, xs, strict=True))
+            ctx = RunContext(symbols=symbols, training=training)
+            for u, rule, prm in plan_units:
                 if rule is None:
-                    env[u.out] = env[u.inputs[0]] + self.params[bias_key]
-                    continue
-                params = {n: self.params[k] for n, k in keys_of[u.node].items()}
-                env[u.out] = rule(self._attrs[u.node], [env[v] for v in u.inputs], params, ctx)
+                    env[u.out] = env[u.inputs[0]] + ps[prm["bias"]]
+                else:
+                    env[u.out] = rule(attrs[u.node], [env[v] for v in u.inputs],
+                                      {n: ps[i] for n, i in prm.items()}, ctx)
+            return [env[o] for o in outputs]
 
-        return call
+        return TorchGraphStep(ins=tuple(slot(v) for v in ext),
+                              outs=tuple(slot(v) for v in outputs), pins=tuple(pins), fn=fn,
+                              training=self._training)
 
     # -- run -------------------------------------------------------------------
 
+    def _bind(self, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+        key = tuple(t.shape for t in inputs)
+        symbols = self._symbols.get(key)
+        if symbols is None:
+            symbols = bind_inputs(self.ir, inputs)  # validates; remembered per shape
+            if len(self._symbols) < 64:
+                self._symbols[key] = symbols
+        return symbols
+
     def run(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        with self._lock:
-            calls = self._calls
-        if not calls:
+        schedule = self._schedule
+        if schedule is None:
             ref = self._reference_module()
             ref.train(self.training)
             return ref.run(inputs)
-        symbols = bind_inputs(self.ir, inputs)
-        ctx = RunContext(symbols=symbols, training=self.training)
-        env: dict[str, torch.Tensor] = dict(zip(self.plan.inputs, inputs, strict=True))
-        for call in calls:
-            call(env, symbols, ctx)
-        return tuple(env[o] for o in self.plan.outputs)
+        # the ParameterDict's own mapping (what functional_call swaps), without
+        # its per-key __getitem__ overhead
+        params = self.params._parameters
+        ps = [params[k] for k in self._pkeys]
+        return schedule.run(inputs, ps, self._bind(inputs))  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from typing import Any
 
 from esper.triton.tiles import TileProgram
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: in-kernel bias/gain sums (ws, lock), accumulating grads
 
 
 @dataclass
@@ -67,6 +67,9 @@ class FusedStep:
     fwd: TileProgram
     units: list[Unit]
     bwd: TileProgram | None = None
+    # forward inputs whose grad the backward kernel adds to the grad already
+    # accumulated for that value (another consumer's), in the same pass
+    bwd_acc: list[int] = field(default_factory=list)
     impl: str = "triton"  # or "torch" when measurement says torch is faster
     fwd_cfg: KernelConfig | None = None
     bwd_cfg: KernelConfig | None = None

@@ -3,8 +3,10 @@
 A ``Launcher`` is anything with ``launch(grid, args, cfg)``: shipped binaries
 (``aot.BinaryLauncher``) or the ``@triton.jit`` function itself (JIT on a GPU,
 numpy under ``TRITON_INTERPRET=1``). ``GroupRunner`` allocates outputs, flattens
-leading dims into rows (one artifact serves every batch size), launches, and
-sums the per-program partials of bias/gain grads."""
+leading dims into rows (one artifact serves every batch size) and launches; the
+backward kernel finishes bias/gain grads itself (its workspace and ticket
+counter live here, one pair per device, zeroed once and left zeroed by every
+launch), so a group costs one launch each way."""
 
 from __future__ import annotations
 
@@ -57,6 +59,13 @@ def stored(prog: TileProgram) -> TileProgram:
                        outputs=[o for j, o in enumerate(prog.outputs) if j not in skip])
 
 
+def stored_index(prog: TileProgram, j: int) -> int:
+    """Position of output ``j`` among the outputs the kernel stores."""
+    skip = aliases(prog)
+    assert j not in skip
+    return j - sum(1 for k in skip if k < j)
+
+
 def _grid(rows: int, cfg: KernelConfig, looping: bool) -> int:
     n = max(1, -(-rows // cfg.block_r))
     return min(n, cfg.grid_cap) if looping and cfg.grid_cap > 0 else n
@@ -93,16 +102,31 @@ class GroupRunner:
              ("keep" if len(o.shape) == rank else "drop"), o.shape)
             for j, o in enumerate(step.outputs)
         ]
+        self.rank = rank
+        self.plain_fwd = self.full_input is not None and all(
+            a is None and r == "full" for a, r, _ in self.fwd_outs)
         # backward outputs: (alias or None, kind), one per forward input
         self.bwd_outs: list[tuple[tuple[str, int] | None, str]] = []
-        self.partial_aliases: dict[int, list[int]] = {}
+        self.n_partial = 0
         if step.bwd is not None:
             bwd_alias = aliases(step.bwd)
             for j, (_, vid) in enumerate(step.bwd.outputs):
-                self.bwd_outs.append((bwd_alias.get(j), step.bwd.kind(vid)))
                 a = bwd_alias.get(j)
-                if a is not None and a[0] == "out":
-                    self.partial_aliases.setdefault(a[1], []).append(j)
+                kind = step.bwd.kind(vid)
+                self.bwd_outs.append((a, kind))
+                if a is None and kind in ("col", "scalar"):
+                    self.n_partial += 1
+        self.acc = tuple(step.bwd_acc)
+        self._ws: dict[torch.device, list[torch.Tensor]] = {}
+
+    def _workspace(self, dev: torch.device) -> list[torch.Tensor]:
+        """fp32 sums + ticket counter of the backward kernel (one stream at a time)."""
+        got = self._ws.get(dev)
+        if got is None:
+            got = [torch.zeros(max(1, self.n_partial * self.c), dtype=torch.float32, device=dev),
+                   torch.zeros(1, dtype=torch.int32, device=dev)]
+            self._ws[dev] = got
+        return got
 
     def _rows_lead(self, tensors: Sequence[torch.Tensor], symbols: dict[str, int] | None
                    ) -> tuple[int, list[int] | None]:
@@ -124,7 +148,17 @@ class GroupRunner:
 
     def forward(self, tensors: Sequence[torch.Tensor],
                 symbols: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
-        ins = [_aligned(t) for t in tensors]
+        ins = [t if t.is_contiguous() and not t.data_ptr() % 16 else _aligned(t)
+               for t in tensors]
+        if self.plain_fwd and ins[self.full_input].dim() == self.rank:  # type: ignore[index]
+            # every output is a fresh full tile shaped like the full input
+            t = ins[self.full_input]  # type: ignore[index]
+            fresh = [torch.empty(t.shape, dtype=self.dtype, device=t.device)
+                     for _ in self.fwd_outs]
+            n = t.numel() // self.c
+            self.fwd.launch(_grid(n, self.fwd_cfg, self.fwd_loop),  # type: ignore[arg-type]
+                            [*ins, *fresh, n], self.fwd_cfg)  # type: ignore[arg-type]
+            return tuple(fresh)
         rows, lead = self._rows_lead(ins, symbols)
         dev = ins[0].device
         outs: list[torch.Tensor] = []
@@ -143,10 +177,14 @@ class GroupRunner:
         return tuple(outs)
 
     def backward(self, saved: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
-                 symbols: dict[str, int] | None = None) -> list[torch.Tensor]:
-        """Grads of every group input, in the forward's input order."""
+                 symbols: dict[str, int] | None = None,
+                 prev: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Grads of every group input, in the forward's input order. ``prev``: for
+        inputs in ``step.bwd_acc``, a grad already accumulated (contiguous, 16-byte
+        aligned, the input's shape and dtype) that the kernel adds in: the grad
+        returned for that input then includes it."""
         assert self.bwd is not None and self.bwd_cfg is not None
-        ins = [_aligned(t) for t in saved]
+        ins = [t if t.is_contiguous() and not t.data_ptr() % 16 else _aligned(t) for t in saved]
         rows, lead = self._rows_lead(ins, symbols)
         dev = ins[0].device
         gs = [_aligned(g) if g is not None else torch.zeros(
@@ -157,27 +195,20 @@ class GroupRunner:
         bwd_inputs = [*ins, *gs]
         results: list[torch.Tensor] = []
         kernel_outs: list[torch.Tensor] = []
-        partial: list[int] = []
-        for j, (alias, kind) in enumerate(self.bwd_outs):
+        for alias, _ in self.bwd_outs:
             if alias is not None:
                 results.append(bwd_inputs[alias[1]] if alias[0] == "in" else results[alias[1]])
                 continue
-            if kind in ("full", "row"):
-                t = torch.empty_like(ins[j])
-            else:
-                t = torch.empty((grid, self.c) if kind == "col" else (grid,),
-                                dtype=torch.float32, device=dev)
-                partial.append(j)
+            # a grad has its input's shape and dtype (col/scalar: the kernel's final sums)
+            t = torch.empty_like(ins[len(results)])
             results.append(t)
             kernel_outs.append(t)
+        if self.n_partial:
+            kernel_outs.extend(self._workspace(dev))
+        if self.acc:
+            have = prev or {}
+            # no grad there yet: any valid pointer (the output itself), flag 0
+            kernel_outs.extend(have.get(j, results[j]) for j in self.acc)
+            kernel_outs.extend(int(j in have) for j in self.acc)  # type: ignore[misc]
         self.bwd.launch(grid, [*bwd_inputs, *kernel_outs, rows], cfg)
-        for j in partial:
-            total = results[j].sum(0)
-            if total.dtype != saved[j].dtype:
-                total = total.to(saved[j].dtype)
-            if total.dim() != saved[j].dim():
-                total = total.reshape(saved[j].shape)
-            results[j] = total
-            for k in self.partial_aliases.get(j, ()):
-                results[k] = total
         return results

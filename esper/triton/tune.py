@@ -3,8 +3,9 @@
 Without a GPU of the target's arch at compile time the configs come from a
 heuristic (whole rows per program, ~4K elements per program, warps by tile
 size, a capped grid for kernels that reduce over rows). With one, ``autotune``
-measures candidate configs for each group's forward and backward kernels and
-the group as plain torch ops, and keeps the fastest. Trainers never re-tune."""
+times candidate configs for each group's kernels on the GPU alone, then decides
+per group between its kernels and plain torch ops by timing the WHOLE step
+both ways (host overhead included). Trainers never re-tune."""
 
 from __future__ import annotations
 
@@ -76,13 +77,22 @@ def _cfg(c: KernelConfig | None) -> list[int] | None:
     return None if c is None else [c.block_r, c.num_warps, c.num_stages, c.grid_cap]
 
 
-def autotune(plan: Plan, bench: Callable[[FusedStep, str, KernelConfig | None], float],
-             arch: int = 90) -> dict[str, Any]:
-    """Pick each kernel's fastest config and each group's faster implementation.
+KernelTimer = Callable[[FusedStep, str, KernelConfig], float]
+StepTimer = Callable[[Plan], dict[str, float]]
+TORCH_MARGIN = 0.02  # torch must win by 2% (measurement noise) to replace a kernel
 
-    ``bench(group, which, cfg)`` returns milliseconds for ``which`` in ``fwd``,
-    ``bwd`` (Triton, with ``cfg``) or ``torch`` (the group's ops in torch,
-    forward + backward). Returns a report of what was measured."""
+
+def autotune(plan: Plan, kernel_ms: KernelTimer, step_ms: StepTimer,
+             arch: int = 90) -> dict[str, Any]:
+    """Pick each kernel's fastest config, then each group's faster implementation.
+
+    ``kernel_ms(group, "fwd"|"bwd", cfg)``: GPU milliseconds of one launch
+    (host overhead excluded: the same for every config). ``step_ms(plan)``:
+    milliseconds of a whole forward+backward step of the blueprint as the plan
+    stands, host overhead included (``"step"``, what a trainer without CUDA
+    graphs pays; ``"graphed"`` when measured, what one with graphs pays). A
+    group goes to torch only when the whole step is faster with it there:
+    per-group timings miss what the rest of the step costs around it."""
     report: dict[str, Any] = {}
     for g in plan.groups():
         best: dict[str, tuple[float, KernelConfig]] = {}
@@ -91,7 +101,7 @@ def autotune(plan: Plan, bench: Callable[[FusedStep, str, KernelConfig | None], 
                 continue
             for cfg in candidates(prog, g.c, arch):
                 try:
-                    ms = bench(g, which, cfg)
+                    ms = kernel_ms(g, which, cfg)
                 except Exception:  # a config that does not fit (registers, smem)
                     continue
                 if which not in best or ms < best[which][0]:
@@ -100,11 +110,15 @@ def autotune(plan: Plan, bench: Callable[[FusedStep, str, KernelConfig | None], 
             g.fwd_cfg = best["fwd"][1]
         if "bwd" in best:
             g.bwd_cfg = best["bwd"][1]
-        triton_ms = sum(v[0] for v in best.values())
-        torch_ms = bench(g, "torch", None)
-        g.measured = {"triton_ms": triton_ms, "torch_ms": torch_ms}
-        if torch_ms < triton_ms:
-            g.impl = "torch"
-        report[g.name] = {"impl": g.impl, **g.measured,
-                          "fwd_cfg": _cfg(g.fwd_cfg), "bwd_cfg": _cfg(g.bwd_cfg)}
+        report[g.name] = {f"{w}_kernel_ms": v[0] for w, v in best.items()}
+    for g in plan.groups():
+        g.impl = "triton"
+        on_triton = step_ms(plan)
+        g.impl = "torch"
+        on_torch = step_ms(plan)
+        g.impl = "torch" if on_torch["step"] < on_triton["step"] * (1 - TORCH_MARGIN) else "triton"
+        g.measured = {**{f"triton_{k}_ms": v for k, v in on_triton.items()},
+                      **{f"torch_{k}_ms": v for k, v in on_torch.items()}}
+        report[g.name].update(impl=g.impl, **g.measured, fwd_cfg=_cfg(g.fwd_cfg),
+                              bwd_cfg=_cfg(g.bwd_cfg))
     return report

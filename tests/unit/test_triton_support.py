@@ -86,7 +86,8 @@ def check_against_float64(module: Any, batch: int = 5, seed: int = 0) -> None:
     torch.autograd.backward(list(want), gouts)
     torch.autograd.backward(list(got), [t.to(dtype) for t in gouts])
     for x, x64 in zip(xs, xs64, strict=True):
-        assert x.grad is not None and rel_err(x.grad, x64.grad) < tol * 2, "input grad"
+        assert x.grad is not None and x64.grad is not None
+        assert rel_err(x.grad, x64.grad) < tol * 2, "input grad"
     for k, p in module.params.items():
         ref = params64[k].grad
         if ref is None:

@@ -1,0 +1,170 @@
+"""The whole-blueprint schedule (one autograd function) under the Triton
+interpreter: torch-op steps of every kind, groups kept on torch by tuning,
+in-kernel bias/gain sums over many programs, grads added in-kernel to a grad
+already there, inputs that need no grad, unused outputs, eval mode, dropout's
+mask reused by backward; and the tuning decision rule with fake timers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from esper.ir import BlueprintIR
+from esper.triton.plan import KernelConfig, Plan
+from tests.unit.test_triton_support import check_against_float64, compile_and_load, interpret
+
+_ = interpret
+
+
+def _ir(inputs: list[dict[str, Any]], nodes: list[dict[str, Any]],
+        outputs: list[str]) -> BlueprintIR:
+    return BlueprintIR.from_dict({"schema_version": 1, "name": "s", "inputs": inputs,
+                                  "nodes": nodes, "outputs": outputs})
+
+
+def _x(name: str, shape: list[Any]) -> dict[str, Any]:
+    return {"name": name, "shape": shape, "dtype": "float32"}
+
+
+TORCH_STEPS = _ir([_x("x", ["B", 4, 8]), _x("w", [8, 6]), _x("v", [1, 6, 4])], [
+    {"id": "a", "op": "matmul", "inputs": ["x", "w"]},  # 2-D right operand
+    {"id": "t", "op": "tanh", "inputs": ["a"]},
+    {"id": "b", "op": "matmul", "inputs": ["t", "v"]},  # broadcast batch: torch subgraph
+    {"id": "r", "op": "reshape", "inputs": ["b"], "attrs": {"shape": ["B", 16]}},
+    {"id": "c", "op": "concat", "inputs": ["r", "r"], "attrs": {"dim": -1}},
+    {"id": "m", "op": "mean", "inputs": ["c"], "attrs": {"dim": [0], "keepdim": True}},
+    {"id": "p", "op": "permute", "inputs": ["x"], "attrs": {"dims": [0, 2, 1]}},
+    {"id": "s", "op": "sigmoid", "inputs": ["p"]},
+    {"id": "l", "op": "linear", "inputs": ["s"], "attrs": {"out_features": 5}},
+    {"id": "g", "op": "gelu", "inputs": ["l"]}], ["c", "m", "g"])
+
+SHARED = _ir([_x("x", ["B", 12])], [
+    {"id": "n", "op": "layer_norm", "inputs": ["x"], "attrs": {"normalized_shape": [12]}},
+    {"id": "h", "op": "linear", "inputs": ["n"], "attrs": {"out_features": 12}},
+    {"id": "a", "op": "silu", "inputs": ["h"]},
+    {"id": "y", "op": "linear", "inputs": ["n"], "attrs": {"out_features": 12}},
+    {"id": "z", "op": "mul", "inputs": ["a", "y"]},
+    {"id": "out", "op": "add", "inputs": ["z", "x"]}], ["out"])
+
+
+@pytest.mark.usefixtures("interpret")
+def test_torch_steps_of_every_kind_match_float64() -> None:
+    factory, files = compile_and_load(TORCH_STEPS)
+    assert Plan.from_json(files["triton/plan.json"]).groups()
+    check_against_float64(factory("cpu"), batch=3)
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_groups_kept_on_torch_match_float64(dtype: str) -> None:
+    from esper.triton.backend import TritonBackend
+
+    _, files = compile_and_load(SHARED, dtype)
+    plan = Plan.from_json(files["triton/plan.json"])
+    for g in plan.groups():
+        g.impl = "torch"
+    files["triton/plan.json"] = plan.to_json()
+    module = TritonBackend().load(SimpleNamespace(dtype=dtype), files)("cpu")  # type: ignore[arg-type]
+    assert module.ready
+    check_against_float64(module, batch=4)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_sums_over_rows_from_many_programs_and_workspace_left_zeroed(tmp_path: Path) -> None:
+    from esper.triton import aot
+    from esper.triton.backend import build_plan
+    from esper.triton.module import TritonBlueprintModule
+    from esper.triton.steps import GroupStep
+
+    plan, source = build_plan(SHARED, "float32")
+    for g in plan.groups():  # one row per block, 3 programs looping over 7 rows
+        g.fwd_cfg = KernelConfig(block_r=1, num_warps=1)
+        g.bwd_cfg = KernelConfig(block_r=1, num_warps=1, grid_cap=3)
+    module_src = aot.import_source(source, tmp_path)
+    module = TritonBlueprintModule(SHARED, plan, aot.jit_kernels(module_src, plan))
+    for seed in (0, 1):  # twice: the second launch relies on the first leaving zeros
+        check_against_float64(module, batch=7, seed=seed)
+    assert module._schedule is not None
+    runners = [s.runner for s in module._schedule.steps if isinstance(s, GroupStep)]
+    assert any(r.n_partial for r in runners if r is not None)
+    for r in runners:
+        for ws, lock in r._ws.values():  # type: ignore[union-attr]
+            assert not ws.any() and not lock.any()
+
+
+@pytest.mark.usefixtures("interpret")
+def test_a_grad_already_there_is_added_in_kernel() -> None:
+    _, files = compile_and_load(SHARED)
+    plan = Plan.from_json(files["triton/plan.json"])
+    # x feeds the norm and the residual add: the norm's backward adds the other grad
+    assert any(g.bwd_acc for g in plan.groups())
+    assert "has_prev_" in files["kernels/esper_kernels.py"].decode()
+
+
+@pytest.mark.usefixtures("interpret")
+def test_inputs_without_grad_unused_outputs_and_eval_mode() -> None:
+    factory, _ = compile_and_load(TORCH_STEPS)
+    module = factory("cpu")
+    x = torch.randn(2, 4, 8)
+    w = torch.randn(8, 6, requires_grad=True)
+    v = torch.randn(1, 6, 4)
+    _c, _m, g = module(x, w, v)
+    g.sum().backward()  # c and m get no grad at all
+    assert x.grad is None and w.grad is None  # w reaches only c and m
+    assert all(p.grad is not None for p in module.parameters())  # the linear before g
+    module.eval()
+    with torch.no_grad():
+        ref = [t.clone() for t in module(x, w, v)]
+    for a, b in zip(module(x, w, v), ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_dropout_backward_reuses_the_forward_mask() -> None:
+    ir = _ir([_x("x", ["B", 8])], [
+        {"id": "d", "op": "dropout", "inputs": ["x"], "attrs": {"p": 0.5}},
+        {"id": "out", "op": "relu", "inputs": ["d"]}], ["out"])
+    factory, _ = compile_and_load(ir)
+    module = factory("cpu")
+    module.train()
+    x = (torch.rand(64, 8) + 0.1).requires_grad_(True)  # positive: relu passes all
+    out = module(x)
+    out.backward(torch.ones_like(out))
+    assert x.grad is not None
+    torch.testing.assert_close(out, x.detach() * x.grad)
+    assert 0 < int((out == 0).sum()) < out.numel()
+
+
+def test_tuning_keeps_torch_only_when_the_whole_step_is_faster() -> None:
+    from esper.triton.backend import build_plan
+    from esper.triton.tune import autotune, candidates
+
+    plan, _ = build_plan(SHARED, "float32")
+    names = [g.name for g in plan.groups()]
+    assert len(names) >= 2
+    slower_on_torch, faster_on_torch = names[0], names[1]
+
+    def kernel_ms(g: Any, which: str, cfg: KernelConfig) -> float:
+        return float(cfg.block_r)  # the smallest block wins
+
+    def step_ms(p: Plan) -> dict[str, float]:
+        impl = {g.name: g.impl for g in p.groups()}
+        ms = 1.0
+        ms += 0.5 if impl[slower_on_torch] == "torch" else 0.0
+        ms -= 0.2 if impl[faster_on_torch] == "torch" else 0.0
+        return {"step": ms, "graphed": ms / 2}
+
+    report = autotune(plan, kernel_ms, step_ms)
+    impls = {g.name: g.impl for g in plan.groups()}
+    assert impls[slower_on_torch] == "triton" and impls[faster_on_torch] == "torch"
+    assert all(n == faster_on_torch or impls[n] == "triton" for n in names)
+    assert report[faster_on_torch]["torch_step_ms"] < report[faster_on_torch]["triton_step_ms"]
+    assert json.loads(plan.to_json())["steps"]
+    for g in plan.groups():
+        assert g.fwd_cfg is not None
+        assert g.fwd_cfg.block_r == min(c.block_r for c in candidates(g.fwd, g.c))
