@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     stream_replicas: int = 1
     """JetStream replicas of Esper's streams: 1 on one server, 3 on a cluster."""
     log_level: str = "INFO"
+    passthrough: bool = False
+    """Stages record kernels without compiling or validating (bus benchmarks, tests)."""
+    compile_timeout: float = 120.0
+    """Seconds one compile may take before it is killed and recorded as a rejection."""
 
     @field_validator("home", mode="after")
     @classmethod

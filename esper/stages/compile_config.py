@@ -53,9 +53,6 @@ class CompileStageConfig:
             overrides["targets"] = resolve_targets(settings.targets)
         if "signing_key" not in overrides:
             overrides["signing_key"] = settings.signing_key or ensure_keypair(settings.home)
-        # Not (yet) a Settings field: honoured once the settings object has it.
-        timeout = getattr(settings, "compile_timeout", None)
-        if timeout is not None and "compile_timeout" not in overrides:
-            overrides["compile_timeout"] = float(timeout)
+        overrides.setdefault("compile_timeout", settings.compile_timeout)
         overrides.setdefault("home", settings.home)
         return cls(**overrides)

@@ -4,7 +4,6 @@ stage's entry (real compile, validate, deploy); the runtime stays as it is."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,13 +57,9 @@ def get_stage(name: str) -> Stage:
 
 
 def passthrough_requested(settings: Settings) -> bool:
-    """``ESPER_PASSTHROUGH=1``: the compile stage records kernels without compiling
-    (bus benchmarks, runtime tests). Read from the environment until Settings has
-    a ``passthrough`` field, then from it."""
-    value = getattr(settings, "passthrough", None)
-    if value is None:
-        value = os.environ.get("ESPER_PASSTHROUGH", "")
-    return str(value).strip().lower() in ("1", "true", "yes")
+    """``ESPER_PASSTHROUGH=1``: the stages record kernels without compiling or
+    validating (bus benchmarks, runtime tests)."""
+    return settings.passthrough
 
 
 def _compile_handler(settings: Settings) -> Handler:
