@@ -1,14 +1,18 @@
 """NATS authentication and TLS end to end, against a real nats-server that
 requires both: a throwaway CA and server certificate made here, users with a
 password and with an nkey. A worker process configured only through ESPER_*
-variables handles an event over that link; refusals fail fast and say why."""
+variables handles an event over that link; refusals fail fast and say why.
+Also deploy/'s set-up scripts (stream replicas, waiting for the schema) as the
+cluster's jobs run them."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +30,15 @@ from esper.bus.connect import connect
 from esper.bus.natsauth import NatsSecurity
 from esper.bus.publish import make_submission, publish_event
 from esper.bus.topology import Topology, ensure_streams
+from esper.cache.durable import BUCKET
 from esper.db.engine import create_engine
 from esper.errors import ConfigError, NatsAuthError
-from esper.infra.nats_server import nats_server_binary
+from esper.infra.cluster import cluster_urls
+from esper.infra.nats_server import NatsServer, nats_server_binary
 from esper.infra.ports import LOOPBACK, free_port, http_ok, wait_until
 from esper.settings import Settings
 from tests.integration.runtime_helpers import (
+    REPO,
     mlp_blueprint,
     scalar,
     spawn_worker,
@@ -367,3 +374,60 @@ async def test_connect_gives_up_on_an_unreachable_server_at_its_deadline() -> No
     assert not isinstance(caught.value, NatsAuthError)
     assert 1.4 < time.monotonic() - started < 6
     assert PASSWORD not in str(caught.value)
+
+
+# -- deploy/'s set-up scripts, as the jobs run them ------------------------------------------
+
+
+def _run_script(name: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "deploy" / name), *args],
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        check=False, capture_output=True, text=True, timeout=120,
+    )
+
+
+async def _replicas(url: str | list[str], security: NatsSecurity) -> dict[str, int]:
+    nc = await connect(url, name="esper-test-replicas", security=security)
+    try:
+        js = nc.jetstream()
+        names = [s.name for s in Topology().streams] + [f"OBJ_{BUCKET}"]
+        return {n: (await js.stream_info(n)).config.num_replicas or 1 for n in names}
+    finally:
+        await nc.close()
+
+
+async def test_jetstream_init_job_works_over_tls_with_credentials(
+    secure_nats: SecureNats,
+) -> None:
+    done = _run_script("jetstream_init.py", {
+        "ESPER_NATS_URL": secure_nats.bare_url, "ESPER_NATS_CREDS": str(secure_nats.seed_file),
+        "ESPER_NATS_TLS_CA": str(secure_nats.pki.ca), "ESPER_STREAM_REPLICAS": "1",
+    })
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = await _replicas(secure_nats.url(), NatsSecurity(tls_ca=secure_nats.pki.ca))
+    assert set(found.values()) == {1} and len(found) == 5
+
+
+async def test_jetstream_init_job_gives_every_stream_three_replicas_on_a_cluster(
+    nats_cluster: list[NatsServer],
+) -> None:
+    urls = cluster_urls(nats_cluster)
+    # A trainer that came first made the streams with one replica: they are scaled up.
+    nc = await connect(urls, name="esper-test-early", security=NatsSecurity())
+    await ensure_streams(nc.jetstream(), Topology(), update=False)
+    await nc.close()
+    done = _run_script("jetstream_init.py", {"ESPER_NATS_URL": ",".join(urls),
+                                             "ESPER_STREAM_REPLICAS": "3"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set((await _replicas(urls, NatsSecurity())).values()) == {3}
+
+
+async def test_wait_for_schema_waits_for_the_migrated_database(
+    database_url: str, empty_database_url: str
+) -> None:
+    ready = _run_script("wait_for_schema.py", {"ESPER_DATABASE_URL": database_url})
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    waiting = _run_script("wait_for_schema.py", {"ESPER_DATABASE_URL": empty_database_url},
+                          "--timeout", "1")
+    assert waiting.returncode == 1 and "waiting for" in waiting.stdout
