@@ -160,3 +160,52 @@ def test_version_mismatch_serves_reference_then_switches(tmp_path: Path) -> None
     assert module.backend_in_use == "triton"
     module.zero_grad(set_to_none=True)
     _check(module, 256, seed=1)
+
+
+def _step_grads(module: Any, xs: list[torch.Tensor], gouts: list[torch.Tensor]
+                ) -> list[torch.Tensor]:
+    for x in xs:
+        x.grad = None
+    module.zero_grad(set_to_none=True)
+    out = module(*xs)
+    out = list(out) if isinstance(out, tuple) else [out]
+    torch.autograd.backward(out, gouts)
+    return [t.detach().clone() for t in out] + [x.grad.clone() for x in xs] + [
+        p.grad.clone() for p in module.parameters()]
+
+
+def test_cuda_graphs_capture_the_whole_step(tmp_path: Path) -> None:
+    """One autograd function, in-kernel sums (atomics + ticket) and in-kernel grad
+    accumulation replay from a CUDA graph with the eager step's results."""
+    ir = bundled()["bottleneck_adapter"]
+    backend = TritonBackend(tmp_path)
+    cf = backend.compile(ir, _target(), CompileOptions(dtype="float32", autotune=False))
+    module = backend.load(SimpleNamespace(dtype="float32"), cf.files)("cuda")  # type: ignore[arg-type]
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    xs = [torch.randn([512 if isinstance(d, str) else d for d in i.shape], device="cuda",
+                      generator=gen).requires_grad_(True) for i in module.ir.inputs]
+    with torch.no_grad():
+        outs = module(*xs)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    gouts = [torch.randn(o.shape, device="cuda", generator=gen) for o in outs]
+    want = _step_grads(module, xs, gouts)
+    graphed = torch.cuda.make_graphed_callables(
+        module, tuple(x.detach().clone().requires_grad_(True) for x in xs))
+    for _ in range(3):  # replays must not depend on what earlier ones left behind
+        got = _step_grads(graphed, xs, gouts)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tuned_artifact_decides_per_group_on_the_whole_step(tmp_path: Path) -> None:
+    ir = bundled()["residual_mlp"]
+    backend = TritonBackend(tmp_path)
+    cf = backend.compile(ir, _target(), CompileOptions(dtype="bfloat16", autotune=True))
+    report = json.loads(cf.files["triton/plan.json"])["meta"]["tuning"]
+    assert report
+    for row in report.values():
+        assert row["impl"] in ("triton", "torch")
+        assert row["triton_step_ms"] > 0 and row["torch_step_ms"] > 0
+    module = backend.load(SimpleNamespace(dtype="bfloat16"), cf.files)("cuda")  # type: ignore[arg-type]
+    assert module.backend_in_use == "triton"
+    _check(module, 4096)
