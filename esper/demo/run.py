@@ -121,19 +121,19 @@ def demo_blueprints() -> list[dict[str, Any]]:
 
 
 async def _pipeline(endpoints: Endpoints, out: Out, timeout: float) -> Outcome:
-    blueprints: list[Any] = demo_blueprints()
+    from esper.demo.follow import follow
+
     client = await EsperClient.connect(endpoints)
     async with client:
-        subs = await client.submit(blueprints)
+        subs = await client.submit(demo_blueprints())
         names = {s.blueprint_hash: s.name for s in subs}
         out(f"submitted {len(subs)} blueprints: {', '.join(s.name for s in subs)}")
 
-        def on_event(row: HistoryRow) -> None:
+        def on_row(row: HistoryRow) -> None:
             out(f"  {_stage_of(row):<9} {names.get(row.blueprint_hash, '?'):<20} "
                 f"{_describe(row)}")
 
-        return await client.wait([s.blueprint_hash for s in subs], timeout=timeout,
-                                 on_event=on_event, submissions=subs)
+        return await follow(client.engine, subs, on_row=on_row, timeout=timeout)
 
 
 class _PipelineWatch:
