@@ -44,7 +44,9 @@ def demo_controller() -> PlateauController:
 def _on_kernel(say: Out) -> Callable[[KernelInfo], None]:
     def on_kernel(info: KernelInfo) -> None:
         if info.status is KernelStatus.LOADED:
-            say(f"  trainer: {info.label:<20} loaded ({info.source}) - may germinate")
+            verified = ", signature verified" if (info.source or "").startswith("artifact") else ""
+            say(f"  trainer: {info.label:<20} loaded ({info.source}{verified}, "
+                f"{info.load_ms or 0:.0f} ms off the training thread) - may germinate")
         elif info.status is KernelStatus.IGNORED and info.name:
             say(f"  trainer: {info.label:<20} not used: {info.error}")
         elif info.status in (KernelStatus.FAILED, KernelStatus.RETIRED):

@@ -45,6 +45,8 @@ class KernelInfo:
     source: str | None = None
     """``artifact:<tier>`` (verified signed artifact) or ``blueprint-ir`` (pass-through)."""
     error: str | None = None
+    load_ms: float | None = None
+    """Fetch + verify + load, on the link's thread (the training loop never waits)."""
     factory: ModuleFactory | None = field(default=None, repr=False, compare=False)
     announced_at: float = field(default_factory=time.monotonic, compare=False)
 

@@ -278,7 +278,7 @@ class TrainerLink:
             log.info("kernel %s (%s) loaded from %s in %.1f ms", info.cache_key[:12], name,
                      source, ms)
             self._notify(self.catalog.update(info.cache_key, status=KernelStatus.LOADED,
-                                             factory=factory, source=source))
+                                             factory=factory, source=source, load_ms=ms))
 
     def _notify(self, info: KernelInfo | None) -> None:
         if info is not None and self.on_kernel is not None:
