@@ -61,7 +61,7 @@ from esper.ir import BlueprintIR
 from esper.settings import Settings
 from esper.stages import compile_records as rec
 from esper.stages.compile_config import CompileStageConfig
-from esper.stages.compile_subprocess import CompileRequest, run_compile
+from esper.stages.compile_subprocess import CompileRequest, WarmChildren, run_compile
 from esper.stages.targets import BackendChoice, choose_backend
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ class CompileHandler:
         self._nc: NATS | None = None
         self._init_lock = asyncio.Lock()
         self._inflight: set[str] = set()
+        self._spares: WarmChildren | None = None
 
     @property
     def registry(self) -> KernelRegistry:
@@ -153,6 +154,10 @@ class CompileHandler:
     async def _ready(self, session: AsyncSession) -> async_sessionmaker[AsyncSession]:
         """Claims use the worker's own engine; the durable tier its own NATS link."""
         async with self._init_lock:
+            if self._spares is None:
+                # Starts a compiler child now, while this event's lookups run.
+                self._spares = WarmChildren(size=1)
+                self._spares.prime()
             if self._sessions is None:
                 if session.bind is None:
                     raise ConfigError("the compile handler needs a session bound to an engine")
@@ -168,7 +173,9 @@ class CompileHandler:
             return self._sessions
 
     async def close(self) -> None:
-        """Finish pending disk fills and drain the NATS connection."""
+        """Finish pending disk fills, stop spare compilers, drain the NATS connection."""
+        if self._spares is not None:
+            await self._spares.close()
         if self._registry is not None:
             await self._registry.flush()
         if self._nc is not None:
@@ -309,7 +316,7 @@ class CompileHandler:
             )
             async with self._heartbeats(job.ctx, renew=plan.key):
                 outcome = await run_compile(request, timeout=self.config.compile_timeout,
-                                            tick=self.config.heartbeat_s)
+                                            tick=self.config.heartbeat_s, spares=self._spares)
         ms = outcome.wall_s * 1000
         if not outcome.ok:
             return _Built(None, ms, {}, outcome.error)

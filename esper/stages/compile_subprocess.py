@@ -104,14 +104,18 @@ def _answer(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def child_main() -> int:
-    """Read one request, compile it, answer. Exit 0 on success, 3 on a compile error."""
-    try:
-        request = CompileRequest.model_validate_json(sys.stdin.buffer.read())
-    except ValidationError as exc:
-        _answer({"error": f"bad compile request: {exc}"})
-        return EXIT_COMPILE_ERROR
-    _die_with_parent(request.parent_pid)
+def _parent_from_argv(argv: list[str]) -> int | None:
+    if len(argv) >= 2 and argv[0] == "--parent-pid":
+        return int(argv[1])
+    return None
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    """Import the compiler, then read one request, compile it, answer. Exit 0 on
+    success, 3 on a compile error. The imports come first so that a child started
+    ahead of time (a warm spare) is ready the moment a request arrives."""
+    parent = _parent_from_argv(sys.argv[1:] if argv is None else argv)
+    _die_with_parent(parent)
 
     from esper.artifacts.signing import load_private_key
     from esper.compile.backend import CompileOptions
@@ -119,6 +123,14 @@ def child_main() -> int:
     from esper.errors import EsperError
     from esper.ir import BlueprintIR
     from esper.stages.targets import choose_backend
+
+    try:
+        request = CompileRequest.model_validate_json(sys.stdin.buffer.read())
+    except ValidationError as exc:
+        _answer({"error": f"bad compile request: {exc}"})
+        return EXIT_COMPILE_ERROR
+    if parent is None:
+        _die_with_parent(request.parent_pid)
 
     try:
         _test_fault(request.options, str(request.ir.get("name", "")))
@@ -209,6 +221,54 @@ def _judge(returncode: int, out: bytes, err: bytes, output: Path) -> tuple[Any, 
     return reply, packed, None
 
 
+async def spawn_child(python: str = sys.executable) -> asyncio.subprocess.Process:
+    """A compiler child in its own session; it imports the compiler, then waits
+    for its request on stdin."""
+    return await asyncio.create_subprocess_exec(
+        python, "-m", "esper.stages.compile_subprocess", "--parent-pid", str(os.getpid()),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+class WarmChildren:
+    """Children started ahead of time, so a compile skips Python and torch
+    start-up (seconds) — each is used once, and a new one is started as it is
+    taken. Children die with this process (PR_SET_PDEATHSIG) or on ``close``."""
+
+    def __init__(self, size: int = 1, python: str = sys.executable) -> None:
+        self.size = size
+        self.python = python
+        self._ready: list[asyncio.Task[asyncio.subprocess.Process]] = []
+
+    def prime(self) -> None:
+        """Start the spares now (needs a running event loop)."""
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while len(self._ready) < self.size:
+            self._ready.append(asyncio.ensure_future(spawn_child(self.python)))
+
+    async def take(self) -> asyncio.subprocess.Process:
+        while self._ready:
+            proc = await self._ready.pop(0)
+            self._top_up()
+            if proc.returncode is None:
+                return proc
+        self._top_up()
+        return await spawn_child(self.python)
+
+    async def close(self) -> None:
+        ready, self._ready = self._ready, []
+        for task in ready:
+            with contextlib.suppress(BaseException):
+                proc = await task
+                _kill_group(proc)
+                await proc.wait()
+
+
 async def run_compile(
     request: CompileRequest,
     *,
@@ -216,20 +276,16 @@ async def run_compile(
     tick: float = 2.0,
     on_tick: Callable[[], Awaitable[None]] | None = None,
     python: str = sys.executable,
+    spares: WarmChildren | None = None,
 ) -> CompileOutcome:
-    """Run one compile in a child process; ``on_tick`` runs every ``tick`` seconds
-    while it works (heartbeats). A child past ``timeout`` is killed, its whole
-    process group with it; so is the child of a cancelled caller."""
+    """Run one compile in a child process (a warm one from ``spares`` if given);
+    ``on_tick`` runs every ``tick`` seconds while it works (heartbeats). A child
+    past ``timeout`` is killed, its whole process group with it; so is the child
+    of a cancelled caller. ``wall_s`` excludes a warm child's start-up."""
     output = Path(request.output)
     payload = request.model_copy(update={"parent_pid": os.getpid()}).model_dump_json().encode()
     started = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(
-        python, "-m", "esper.stages.compile_subprocess",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = await (spares.take() if spares is not None else spawn_child(python))
     talk = asyncio.ensure_future(proc.communicate(payload))
     try:
         deadline = started + timeout
