@@ -10,7 +10,7 @@ import statistics
 import torch
 
 from esper.validate import report as r
-from esper.validate.subject import Subject, cotangents, make_inputs
+from esper.validate.subject import Subject, bind_symbols
 from esper.validate.subject import run as run_module
 
 T = torch.Tensor
@@ -30,56 +30,97 @@ def _perf_batch(s: Subject) -> int:
     return max(1, s.policy.perf_elements // max(1, per_row))
 
 
-def _step_fn(module: torch.nn.Module, xs: list[T], cots: list[T]):  # type: ignore[no-untyped-def]
-    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in xs]
+class _Step:
+    """One forward+backward of ``module`` on fixed inputs and output gradients."""
 
-    def step() -> None:
-        module.zero_grad(set_to_none=True)
-        for x in leaves:
+    def __init__(self, module: torch.nn.Module, xs: list[T], cots: list[T]) -> None:
+        self.module = module
+        self.leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in xs]
+        self.cots = cots
+
+    def clear(self) -> None:
+        """Drop the gradients of the last step (so a memory baseline excludes them)."""
+        self.module.zero_grad(set_to_none=True)
+        for x in self.leaves:
             x.grad = None
-        outs = run_module(module, leaves)
-        pairs = [(o, c) for o, c in zip(outs, cots, strict=True) if o.requires_grad]
+
+    def __call__(self) -> None:
+        self.clear()
+        outs = run_module(self.module, self.leaves)
+        pairs = [(o, c) for o, c in zip(outs, self.cots, strict=True) if o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [c for _, c in pairs])
 
-    return step
-
 
 def _perf_data(s: Subject) -> tuple[int, list[T], list[T]]:
-    batch = _perf_batch(s)
-    xs = make_inputs(s, batch, seed=s.policy.seed + 600, other=s.policy.perf_symbol_size)
-    with torch.no_grad():
-        shapes = run_module(s.eager(), xs.module)
-    cots, _ = cotangents(shapes, s, seed=s.policy.seed + 601)
-    return batch, xs.module, cots
+    """(batch, inputs, output gradients) at the performance shape, made on the device
+    once and shared by the performance and resources checks."""
+    if "perf_data" not in s.cache:
+        batch = _perf_batch(s)
+        g = torch.Generator(s.device).manual_seed(s.policy.seed + 600)
+        symbols = bind_symbols(s.ir, batch, s.policy.perf_symbol_size)
+        xs = []
+        for spec in s.ir.inputs:
+            shape = [symbols[d] if isinstance(d, str) else d for d in spec.shape]
+            if spec.dtype.value in ("int64", "bool"):
+                x = torch.randint(0, 2, shape, device=s.device, generator=g)
+                xs.append(x.bool() if spec.dtype.value == "bool" else x)
+            else:
+                xs.append(torch.randn(shape, device=s.device, dtype=s.dtype, generator=g))
+        with torch.no_grad():
+            outs = run_module(s.eager(), xs)
+        cots = [torch.randn(o.shape, device=s.device, dtype=o.dtype, generator=g)
+                if o.is_floating_point() else o for o in outs]
+        s.cache["perf_data"] = (batch, xs, cots)
+    batch, xs, cots = s.cache["perf_data"]
+    return batch, xs, cots
+
+
+def _ratio(s: Subject, kernel: _Step, eager: _Step,
+           ) -> tuple[float, float, float]:
+    """(kernel ms, eager ms, ratio): medians over rounds; each round times
+    ``perf_inner`` consecutive steps of each, in alternating order."""
+    times: dict[str, list[float]] = {"kernel": [], "eager": []}
+    inner = s.policy.perf_inner
+    for k in range(s.policy.perf_iters):
+        pair = [("kernel", kernel), ("eager", eager)]
+        for name, fn in pair if k % 2 == 0 else pair[::-1]:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / inner)
+    k_ms, e_ms = statistics.median(times["kernel"]), statistics.median(times["eager"])
+    return k_ms, e_ms, (k_ms / e_ms if e_ms > 0 else float("inf"))
 
 
 def check_performance(s: Subject) -> r.CheckRecord:
-    """Median fwd+bwd latency, kernel / eager, interleaved runs on one GPU."""
+    """Median fwd+bwd latency, kernel / eager, on one GPU. Over budget on a first
+    measurement, it is measured again and the better ratio counts: one noisy
+    measurement never rejects a kernel."""
     if s.device.type != "cuda":
         return r.skipped(r.PERFORMANCE, "not measured: performance is checked on GPU "
                          "validators only")
     batch, xs, cots = _perf_data(s)
-    kernel, eager = _step_fn(s.module, xs, cots), _step_fn(s.eager(), xs, cots)
+    kernel, eager = _Step(s.module, xs, cots), _Step(s.eager(), xs, cots)
     for _ in range(s.policy.perf_warmup):
         kernel()
         eager()
     torch.cuda.synchronize(s.device)
-    times: dict[str, list[float]] = {"kernel": [], "eager": []}
-    for _ in range(s.policy.perf_iters):
-        for name, fn in (("kernel", kernel), ("eager", eager)):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
-    k_ms, e_ms = statistics.median(times["kernel"]), statistics.median(times["eager"])
-    ratio = k_ms / e_ms if e_ms > 0 else float("inf")
     bound = 1.0 + s.policy.perf_budget
-    details = {"kernel_ms": k_ms, "eager_ms": e_ms, "batch": batch,
-               "iters": s.policy.perf_iters, "over_budget": "reject"}
+    k_ms, e_ms, ratio = _ratio(s, kernel, eager)
+    measured = [ratio]
+    if ratio > bound:
+        k2, e2, ratio2 = _ratio(s, kernel, eager)
+        measured.append(ratio2)
+        if ratio2 < ratio:
+            k_ms, e_ms, ratio = k2, e2, ratio2
+    details = {"kernel_ms": k_ms, "eager_ms": e_ms, "batch": batch, "measured": measured,
+               "rounds": s.policy.perf_iters, "steps_per_round": s.policy.perf_inner,
+               "over_budget": "reject"}
     msg = (f"fwd+bwd {k_ms:.3f} ms vs eager {e_ms:.3f} ms (x{ratio:.3f}) at batch {batch}; "
            f"budget x{bound:.2f}")
     if ratio > bound:
@@ -88,7 +129,11 @@ def check_performance(s: Subject) -> r.CheckRecord:
     return r.passed(r.PERFORMANCE, msg, figure=ratio, bound=bound, **details)
 
 
-def _peak(step, device: torch.device) -> int:  # type: ignore[no-untyped-def]
+def _peak(step: _Step, other: _Step, device: torch.device) -> int:
+    """Bytes one step allocates beyond what is live before it (inputs, parameters,
+    the other module's state): neither module holds gradients at the baseline."""
+    step.clear()
+    other.clear()
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -103,10 +148,10 @@ def check_resources(s: Subject) -> r.CheckRecord:
         return r.skipped(r.RESOURCES, "not measured on CPU: peak memory is measured with "
                          "torch.cuda.max_memory_allocated on GPU validators only")
     batch, xs, cots = _perf_data(s)
-    kernel, eager = _step_fn(s.module, xs, cots), _step_fn(s.eager(), xs, cots)
+    kernel, eager = _Step(s.module, xs, cots), _Step(s.eager(), xs, cots)
     kernel()  # first calls may allocate workspaces once; measure steady state
     eager()
-    k, e = _peak(kernel, s.device), _peak(eager, s.device)
+    k, e = _peak(kernel, eager, s.device), _peak(eager, kernel, s.device)
     ratio = k / e if e > 0 else (1.0 if k == 0 else float("inf"))
     limit = s.policy.memory_budget * e + s.policy.memory_slack_bytes
     details = {"kernel_bytes": k, "eager_bytes": e, "batch": batch,

@@ -71,8 +71,10 @@ class ValidationPolicy(BaseModel):
     perf_elements: int = 1 << 22
     """Elements of the first input at the performance shape (batch chosen to fit)."""
     perf_symbol_size: int = 16
-    perf_warmup: int = 3
-    perf_iters: int = 15
+    perf_warmup: int = 2
+    perf_iters: int = 8
+    """Timed rounds per measurement; each times ``perf_inner`` steps of both."""
+    perf_inner: int = 4
     memory_budget: float = 1.5
     """Rejected when peak fwd+bwd memory > budget x eager's (+ slack) (GPU only)."""
     memory_slack_bytes: int = 1 << 20

@@ -121,6 +121,13 @@ class SandboxRunner:
         while len(self._idle) < self.spares and not self._closed:
             self._idle.append(await self._spawn())
 
+    async def wait_ready(self, timeout: float = 300.0) -> None:
+        """Start the spares and wait until the next one to be used has imported
+        torch (benchmarks use it to time validations without process start)."""
+        await self.warm()
+        if self._idle:
+            await self._until_ready(self._idle[0], timeout, None)
+
     async def _take(self) -> _Sandbox:
         while self._idle:
             sb = self._idle.pop(0)

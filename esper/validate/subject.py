@@ -8,6 +8,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.utils.deterministic
@@ -40,10 +41,17 @@ class Subject:
     target: str
     backend: str
     _eager: BlueprintModule | None = field(default=None, repr=False)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.module.compute_dtype
+
+    @property
+    def ref_device(self) -> torch.device:
+        """Where the float64 reference runs: the validator's device (a GPU's float64
+        is IEEE double too, and a conv block's reference takes seconds on CPU)."""
+        return self.device
 
     @property
     def mid_batch(self) -> int:
@@ -109,7 +117,8 @@ def fit_batches(ir: BlueprintIR, policy: ValidationPolicy, *, interpreted: bool,
 @dataclass(frozen=True)
 class Inputs:
     """One set of inputs: ``module`` in the kernel's dtype on its device, and
-    ``ref``, the very same values in float64 on CPU (rounding is not an error)."""
+    ``ref``, the very same values in float64 (rounding to the kernel's dtype is not
+    the kernel's error) on the reference device."""
 
     module: list[T]
     ref: list[T]
@@ -136,14 +145,14 @@ def make_inputs(s: Subject, batch: int, seed: int, *, scale: float = 1.0,
         else:
             x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(s.dtype)
         mod.append(x.to(s.device))
-        ref.append(x.double() if x.is_floating_point() else x)
+        ref.append((x.double() if x.is_floating_point() else x).to(s.ref_device))
     return Inputs(mod, ref)
 
 
 def reference_params(s: Subject, *, requires_grad: bool = False) -> dict[str, T]:
-    """The module's parameters keyed as the submitted IR keys them, in float64 on CPU."""
+    """The module's parameters keyed as the submitted IR keys them, in float64."""
     return {
-        ours: s.module.params[theirs].detach().to("cpu", torch.float64)
+        ours: s.module.params[theirs].detach().to(s.ref_device, torch.float64)
         .requires_grad_(requires_grad)
         for ours, theirs in s.key_map.items()
     }
@@ -166,7 +175,7 @@ def cotangents(want: Sequence[T], s: Subject, seed: int) -> tuple[list[T], list[
     for w in want:
         c = torch.randn(w.shape, generator=g, dtype=torch.float64).to(s.dtype)
         mod.append(c.to(s.device))
-        ref.append(c.double())
+        ref.append(c.double().to(s.ref_device))
     return mod, ref
 
 

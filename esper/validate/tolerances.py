@@ -40,6 +40,13 @@ REL_TOLERANCE: dict[str, float] = {
 # single element stray far (1% off fails fp32 by 10x).
 ELEMENT_FACTOR = 10.0
 
+# Where the eager reference backend itself misses a bound on the validator's device
+# (cuDNN's bf16 conv weight gradient reaches ~2.2e-2 on an H200), a kernel may be
+# within EAGER_FACTOR x eager's own error on the same inputs — never beyond
+# EAGER_CAP x the dtype's bounds (as torch.compile's accuracy checks allow 2x eager).
+EAGER_FACTOR = 2.0
+EAGER_CAP = 5.0
+
 # Graft safety: at the declared init a seed changes the host by at most this
 # (max abs; zero-initialised projections make the change exactly 0 in any dtype).
 GRAFT_BOUND = 1e-6
@@ -80,7 +87,7 @@ def rms_of(tensors: list[torch.Tensor]) -> float:
 
     total, count = 0.0, 0
     for t in tensors:
-        v = t.detach().to("cpu", torch.float64)
+        v = t.detach().to(torch.float64)
         v = v[torch.isfinite(v)]
         total += float(v.square().sum())
         count += v.numel()
@@ -97,12 +104,12 @@ def representable(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
             scale: float = 0.0) -> Comparison:
-    """``got`` (any device, any dtype) against ``ref`` (float64, CPU); ``scale`` is
-    an RMS floor for the reference (0: its own RMS only)."""
+    """``got`` (any dtype) against ``ref`` (float64), on ``ref``'s device; ``scale``
+    is an RMS floor for the reference (0: its own RMS only)."""
     import torch
 
-    got64 = got.detach().to(device="cpu", dtype=torch.float64)
-    ref64 = ref.detach().to(device="cpu", dtype=torch.float64)
+    ref64 = ref.detach().to(torch.float64)
+    got64 = got.detach().to(device=ref64.device, dtype=torch.float64)
     if got64.shape != ref64.shape:
         raise ValueError(f"shape {tuple(got64.shape)} differs from the reference's "
                          f"{tuple(ref64.shape)}")

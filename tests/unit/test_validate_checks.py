@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from esper.compile.backend import CompileOptions
 from esper.compile.pipeline import CompileResult, compile_blueprint
 from esper.ir import BlueprintIR, bundled
 from esper.validate import report as r
-from esper.validate.checks import NUMERIC_CHECKS, check_integrity
+from esper.validate.checks import NUMERIC_CHECKS, _judge, _Worst, check_integrity
 from esper.validate.policy import ValidationPolicy, check_module_name
 from esper.validate.protocol import ExpectedKernel
 from esper.validate.runner import SandboxRunner
@@ -220,6 +221,38 @@ def test_graft_safety_can_be_reported_without_rejecting() -> None:
     assert graft.message.startswith("not enforced")
 
 
+def test_over_the_dtype_bound_passes_only_within_2x_of_eager_and_under_the_cap() -> None:
+    res = compiled("residual_mlp", dtype="bfloat16")
+    _, subject = check_integrity(res.packed, PUBLIC, expected_of(res), BLUEPRINTS["residual_mlp"],
+                                 device=CPU, policy=ValidationPolicy())
+    assert subject is not None and subject.tol == 2e-2
+
+    def errors(error: float, element: float = 0.0) -> _Worst:
+        w = _Worst()
+        w.error, w.element, w.where, w.element_where = error, element, "out", "out"
+        return w
+
+    calls: list[float] = []
+
+    def eager(error: float) -> Callable[[], _Worst]:
+        def run() -> _Worst:
+            calls.append(error)
+            return errors(error)
+        return run
+
+    ok = _judge("backward", subject, errors(0.022), "gradient", eager(0.021))
+    assert not ok.failed and ok.details["bound_from"] == "eager"
+    assert ok.figure == 0.022 and ok.bound == pytest.approx(0.042)
+    assert _judge("backward", subject, errors(0.022), "gradient", eager(0.005)).failed
+    # Beyond EAGER_CAP x the bound nothing is asked of eager: rejected outright.
+    calls.clear()
+    assert _judge("backward", subject, errors(0.2), "gradient", eager(0.2)).failed
+    assert calls == []
+    # Within the dtype bound: eager is never run.
+    assert not _judge("forward", subject, errors(0.01), "output", eager(1.0)).failed
+    assert calls == []
+
+
 # -- integrity ----------------------------------------------------------------------------
 
 
@@ -350,3 +383,27 @@ def test_a_triton_artifact_for_a_gpu_validates_on_cpu_under_the_interpreter(dtyp
     assert coverage is not None and coverage.message.startswith(r.CPU_NUMERICS_NOTE)
     assert report.check("forward").details["batch_sizes"] == [1, 3, 4]  # type: ignore[union-attr]
     assert report.check("integrity").details["backend_in_use"] == "triton"  # type: ignore[union-attr]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_gpu_validator_checks_device_numerics_speed_and_memory(backend: str) -> None:
+    major, minor = torch.cuda.get_device_capability(0)
+    target = f"cuda:sm_{major}{minor}"
+    options = None
+    if backend == "triton":
+        import esper.triton.backend  # noqa: F401  (registers "triton")
+
+        options = CompileOptions(dtype="float32", autotune=False)
+    res = compiled("residual_mlp", backend=backend, target=target, options=options)
+    report = _validate(SandboxRunner(spares=0, cwd=REPO), res,
+                       policy=ValidationPolicy(timeout_s=300.0))
+    assert report.device.startswith("cuda"), report.device
+    numeric = {"integrity", "forward", "backward", "finiteness", "determinism", "graft_safety"}
+    assert not numeric & {c.check for c in report.failures()}, report.failures()
+    perf, mem = report.check("performance"), report.check("resources")
+    assert perf is not None and perf.status != "skipped" and perf.figure is not None
+    assert perf.bound == pytest.approx(1.10) and perf.details["eager_ms"] > 0
+    assert mem is not None and mem.status != "skipped" and mem.details["eager_bytes"] > 0
+    assert report.check("coverage").message.startswith("numerics verified on cuda")  # type: ignore[union-attr]
