@@ -154,7 +154,7 @@ class CompileCounter:
         self.count += 1
 
 
-def _bench(fn: Any, rep_ms: int = 300) -> float:
+def _bench(fn: Any, rep_ms: int = 200) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
