@@ -80,3 +80,8 @@ class IllegalTransition(EsperError, RuntimeError):
 class NatsAuthError(EsperError, ConnectionError):
     """NATS refused this client for good: wrong credentials, or a TLS certificate
     that does not verify. Retrying cannot help; the message says what to fix."""
+
+
+class ReplicaDivergenceError(EsperError, RuntimeError):
+    """Data-parallel replicas no longer hold bit-identical model state (``esper
+    train --ddp``): a decision or a load was applied on some ranks only."""
