@@ -119,10 +119,10 @@ def format_summary(s: DemoSummary) -> str:
         f"{p.get('ready', 0)} deployed, {p.get('rejected', 0)} rejected",
     ]
     for f in h.fates:
-        line = f"  {f['blueprint_name']:<22} {f['backend']:<8} {f['kernel_status']:<9} " \
-               f"{f['journey']}"
+        line = f"  {f['blueprint_name']:<20} {f['target']:<11} {f['backend']:<8} " \
+               f"{f['kernel_status']:<9} {f['journey']}"
         if f["reasons"]:
-            line += f"\n  {'':<22} why: {_reason(f['reasons'])[:150]}"
+            line += f"\n  {'':<20} why: {_reason(f['reasons'])[:150]}"
         lines.append(line)
     lines.append(
         f"seeds: {h.seeds.get('germinated', 0)} germinated, "

@@ -96,7 +96,7 @@ def _describe(row: HistoryRow) -> str:
     if row.event == "compiled":
         ms = d.get("compile_ms")
         how = "cache hit" if d.get("cache_hit") else (f"{ms:.0f} ms" if ms else "")
-        return f"compiled ({row.backend} for {row.target}{', ' + how if how else ''})"
+        return f"compiled ({row.backend}{', ' + how if how else ''})"
     if row.event == "validated":
         ms = d.get("duration_ms")
         checks = len(d.get("checks") or [])
@@ -131,7 +131,7 @@ async def _pipeline(endpoints: Endpoints, out: Out, timeout: float) -> Outcome:
 
         def on_row(row: HistoryRow) -> None:
             out(f"  {_stage_of(row):<9} {names.get(row.blueprint_hash, '?'):<20} "
-                f"{_describe(row)}")
+                f"{row.target:<11} {_describe(row)}")
 
         return await follow(client.engine, subs, on_row=on_row, timeout=timeout)
 

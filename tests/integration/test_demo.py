@@ -40,7 +40,7 @@ def test_esper_demo_runs_end_to_end(tmp_path: Path) -> None:
     compiled, validated, deployed, rejected = map(int, counts.groups())
     assert compiled == 6 and deployed == 5 and rejected == 1, counts.group(0)
     assert validated == deployed
-    assert re.search(r"unsafe_graft_mlp\s+torch\s+rejected", out)
+    assert re.search(r"unsafe_graft_mlp\s+cpu\s+torch\s+rejected", out)
     assert "graft_safety" in out
 
     seeds = re.search(r"seeds: (\d+) germinated, (\d+) fossilized, (\d+) culled", out)
