@@ -4,10 +4,17 @@ pass-through handlers, on embedded servers started here.
     python benchmarks/bench_pipeline.py                  # default fsync
     python benchmarks/bench_pipeline.py --sync-always    # nats sync_interval: always
     python benchmarks/bench_pipeline.py --mode inproc    # all stages in one process
+    python benchmarks/bench_pipeline.py --cluster 3 --processes 1,2,3,4 --repeat 2 --rate 0
+                                                         # scale-out: a 3-node cluster, R3
+                                                         # streams, 1..4 processes per stage
 
 Throughput: N distinct blueprints published at once; events/s = N over the
 time from the first publish to the N-th KernelReady. Latency: blueprints
-offered at a fixed rate; submit → KernelReady received by a subscriber."""
+offered at a fixed rate; submit → KernelReady received by a subscriber.
+Each point (a number of processes per stage, each repeat) gets a fresh database and fresh
+streams; the servers live for the whole run. CPU is that of every process
+involved (servers, workers, this one); "cores busy" is CPU seconds over the
+throughput run's wall time (2.0 = both cores of this machine)."""
 
 from __future__ import annotations
 
@@ -23,10 +30,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import psutil
+from nats.js.errors import NotFoundError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,10 +43,17 @@ sys.path.insert(0, str(REPO))
 from esper.bus import events as ev  # noqa: E402
 from esper.bus.connect import connect  # noqa: E402
 from esper.bus.publish import make_submission, msg_headers  # noqa: E402
-from esper.bus.topology import Topology, ensure_topology  # noqa: E402
+from esper.bus.topology import STREAMS, Topology, ensure_topology  # noqa: E402
 from esper.db.engine import create_engine, session_factory  # noqa: E402
 from esper.db.migrate import upgrade  # noqa: E402
-from esper.infra.embedded import NatsServer, PostgresServer  # noqa: E402
+from esper.infra import pgadmin  # noqa: E402
+from esper.infra.embedded import (  # noqa: E402
+    NatsServer,
+    PostgresServer,
+    cluster_urls,
+    start_nats_cluster,
+)
+from esper.infra.ports import free_port, http_ok  # noqa: E402
 from esper.workers import passthrough  # noqa: E402
 from esper.workers.runtime import Worker  # noqa: E402
 
@@ -80,60 +96,93 @@ class ReadyWatch:
                 await self._arrived.wait()
 
 
-def _spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, cwd=REPO, env=env)
+class WorkerProcs:
+    """``processes`` run_stage subprocesses per stage, each with a metrics port
+    whose ``/healthz`` says when its consumer is set up."""
 
-
-async def start_workers(args: argparse.Namespace, nats_url: str, db_url: str) -> Any:
-    if args.mode == "procs":
-        env = {**os.environ, "ESPER_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO),
-               "ESPER_PASSTHROUGH": "1"}
-        procs = []
+    def __init__(self, args: argparse.Namespace, processes: int, nats_url: str, db_url: str,
+                 replicas: int) -> None:
+        self.procs: dict[str, list[subprocess.Popen[bytes]]] = {s: [] for s in STAGES}
+        self.ports: list[int] = []
+        base = {**os.environ, "ESPER_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO),
+                "ESPER_PASSTHROUGH": "1"}
         for stage in STAGES:
-            cmd = [sys.executable, "-m", "esper.workers.run_stage", stage,
-                   "--nats-url", nats_url, "--database-url", db_url]
-            if args.batch:
-                cmd += ["--batch", str(args.batch)]
-            if args.concurrency:
-                cmd += ["--concurrency", str(args.concurrency)]
-            procs.append(_spawn(cmd, env))
-        return procs
-    gc.freeze()  # as run_stage does for a worker process
-    gc.set_threshold(20_000, 20, 50)
-    engines, workers, tasks = [], [], []
-    handlers = {
-        "compile": passthrough.compile_handler(),
-        "validate": passthrough.validate_handler(),
-        "deploy": passthrough.deploy_handler(),
-    }
-    for stage in STAGES:
-        engine = create_engine(db_url, pool_pre_ping=False)
-        engines.append(engine)
-        w = Worker(
-            stage, handlers[stage], nats_url=nats_url, session_factory=session_factory(engine),
-            concurrency=args.concurrency or 4, batch=args.batch or 32,
-        )
-        workers.append(w)
-        tasks.append(asyncio.create_task(w.run()))
-    return engines, workers, tasks
+            for _ in range(processes):
+                cmd = [sys.executable, "-m", "esper.workers.run_stage", stage,
+                       "--nats-url", nats_url, "--database-url", db_url,
+                       "--replicas", str(replicas)]
+                if args.batch:
+                    cmd += ["--batch", str(args.batch)]
+                if args.concurrency:
+                    cmd += ["--concurrency", str(args.concurrency)]
+                port = free_port()
+                self.ports.append(port)
+                env = {**base, "ESPER_METRICS_PORT": str(port)}
+                self.procs[stage].append(subprocess.Popen(cmd, cwd=REPO, env=env))
 
+    async def ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            while not await asyncio.to_thread(http_ok, f"http://127.0.0.1:{port}/healthz"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("worker processes did not come up")
+                if any(p.poll() is not None for ps in self.procs.values() for p in ps):
+                    raise RuntimeError("a worker process exited")
+                await asyncio.sleep(0.1)
 
-async def stop_workers(args: argparse.Namespace, handle: Any) -> None:
-    if args.mode == "procs":
-        for p in handle:
+    def pids(self, stage: str) -> list[int]:
+        return [p.pid for p in self.procs[stage]]
+
+    def stop(self) -> None:
+        every = [p for ps in self.procs.values() for p in ps]
+        for p in every:
             p.terminate()
-        for p in handle:
+        for p in every:
             p.wait(30)
-        return
-    engines, workers, tasks = handle
-    for w in workers:
-        w.stop()
-    await asyncio.gather(*tasks)
-    for e in engines:
-        await e.dispose()
 
 
-async def throughput(js: Any, watch: ReadyWatch, subs: list[ev.BlueprintSubmitted]) -> float:
+class WorkersInProc:
+    """One Worker per stage in this process (``--mode inproc``)."""
+
+    def __init__(self, args: argparse.Namespace, nats_url: str, db_url: str,
+                 replicas: int) -> None:
+        gc.freeze()  # as run_stage does for a worker process
+        gc.set_threshold(20_000, 20, 50)
+        handlers = {
+            "compile": passthrough.compile_handler(),
+            "validate": passthrough.validate_handler(),
+            "deploy": passthrough.deploy_handler(),
+        }
+        self.engines, self.workers, self.tasks = [], [], []
+        for stage in STAGES:
+            engine = create_engine(db_url, pool_pre_ping=False)
+            self.engines.append(engine)
+            w = Worker(
+                stage, handlers[stage], nats_url=nats_url,
+                session_factory=session_factory(engine), topology=Topology(replicas=replicas),
+                concurrency=args.concurrency or 4, batch=args.batch or 32,
+            )
+            self.workers.append(w)
+            self.tasks.append(asyncio.create_task(w.run()))
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(w.started.wait() for w in self.workers))
+
+    def pids(self, stage: str) -> list[int]:
+        return []
+
+    async def astop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        await asyncio.gather(*self.tasks)
+        for e in self.engines:
+            await e.dispose()
+
+
+async def throughput(
+    js: Any, watch: ReadyWatch, subs: list[ev.BlueprintSubmitted], quiet: bool = False
+) -> float:
     start = time.perf_counter()
     futures = [
         await js.publish_async(s.subject, ev.encode(s), headers=msg_headers(s.event_id))
@@ -144,8 +193,9 @@ async def throughput(js: Any, watch: ReadyWatch, subs: list[ev.BlueprintSubmitte
     target = {s.correlation_id for s in subs}
     await watch.until_all(target)
     end = max(watch.at[c] for c in target)
-    print(f"  published {len(subs)} in {published - start:.2f}s; "
-          f"all ready after {end - start:.2f}s")
+    if not quiet:
+        print(f"  published {len(subs)} in {published - start:.2f}s; "
+              f"all ready after {end - start:.2f}s")
     return len(subs) / (end - start)
 
 
@@ -188,76 +238,154 @@ def cpu_seconds(pids: list[int], children: bool = True) -> float:
     return total
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (every process, every core)."""
+    t = psutil.cpu_times()  # guest time is already inside user time on Linux
+    return float(t.user + t.system + sum(getattr(t, k, 0.0) for k in ("nice", "irq", "softirq")))
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
-    home = Path(tempfile.mkdtemp(prefix="esper-bench-"))
-    nats = NatsServer.start(home / "nats", sync_always=args.sync_always)
-    pg = PostgresServer.start(home / "pg")
-    handle = None
+async def fresh_streams(js: Any, topology: Topology) -> None:
+    """Delete Esper's streams (and consumers) and create them again; a young
+    cluster may still be electing leaders, so keep trying a while."""
+    for attempt in range(60):
+        try:
+            for spec in STREAMS:
+                with contextlib.suppress(NotFoundError):
+                    await js.delete_stream(spec.name)
+            await ensure_topology(js, topology, stages=())
+            return
+        except Exception:
+            if attempt == 59:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def run_point(
+    args: argparse.Namespace, processes: int, *, nodes: list[NatsServer], pg: PostgresServer,
+    template: str, topology: Topology, offset: int,
+) -> dict[str, Any]:
+    """One measurement: a fresh database and streams, ``processes`` workers per
+    stage, warm-up, throughput, and latency if ``args.rate``."""
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    db_url = await pgadmin.create_database(pg.url, name, template=template)
+    urls = cluster_urls(nodes)
+    nc = await connect(urls, name="bench")
+    js = nc.jetstream()
+    handle: WorkerProcs | WorkersInProc | None = None
     try:
-        await upgrade(pg.url)
-        nc = await connect(nats.url, name="bench")
-        js = nc.jetstream()
-        await ensure_topology(js, Topology())
+        await fresh_streams(js, topology)
         watch = ReadyWatch()
         await nc.subscribe(ev.KERNEL_READY, cb=watch.on_msg)
-        total = args.warmup + args.n + int(args.rate * args.seconds)
-        t0 = time.perf_counter()
-        subs = [make_submission(blueprint(i)) for i in range(total)]
-        print(f"built {total} submissions in {time.perf_counter() - t0:.1f}s")
-        handle = await start_workers(args, nats.url, pg.url)
-
+        await nc.flush()
+        n_latency = int(args.rate * args.seconds)
+        total = args.warmup + args.n + n_latency
+        subs = [make_submission(blueprint(offset + i)) for i in range(total)]
+        if args.mode == "procs":
+            handle = WorkerProcs(args, processes, ",".join(urls), db_url, topology.replicas)
+        else:
+            handle = WorkersInProc(args, ",".join(urls), db_url, topology.replicas)
+        await handle.ready()
         warm, rest = subs[: args.warmup], subs[args.warmup:]
-        await throughput(js, watch, warm)
-        print(f"throughput: {args.n} blueprints at once")
-        pids = [os.getpid(), nats.pid or 0, pg.pid or 0]
-        if args.mode == "procs":
-            pids += [p.pid for p in handle]
-        parts = {"bench": [pids[0]], "nats": [pids[1]], "postgres": [pids[2]]}
-        if args.mode == "procs":
-            parts.update({s: [p.pid] for s, p in zip(STAGES, handle, strict=True)})
-        def part(name: str) -> float:
-            return cpu_seconds(parts[name], children=name != "bench")
+        await throughput(js, watch, warm, quiet=True)
 
+        parts = {"bench": [os.getpid()], "nats": [n.pid or 0 for n in nodes],
+                 "postgres": [pg.pid or 0], **{s: handle.pids(s) for s in STAGES}}
+
+        def part(key: str) -> float:
+            return cpu_seconds(parts[key], children=key != "bench")
+
+        print(f"processes per stage: {processes}; throughput: {args.n} blueprints at once")
         before = {k: part(k) for k in parts}
-        cpu0, load0 = cpu_seconds(pids), os.getloadavg()[0]
+        load0, t0, machine0 = os.getloadavg()[0], time.perf_counter(), machine_busy()
         rate = await throughput(js, watch, rest[: args.n])
-        cpu_ms = (cpu_seconds(pids) - cpu0) * 1000 / args.n
-        split = {
-            k: round((part(k) - before[k]) * 1000 / args.n, 3) for k in parts
-        }
-        print(f"  CPU-ms per event by process: {split}")
-        print(f"  => {rate:.0f} events/s end to end; {cpu_ms:.2f} CPU-ms per event "
-              f"(all processes); load before {load0:.1f}")
-        await asyncio.sleep(1.0)
-        print(f"latency: {args.rate:.0f} blueprints/s for {args.seconds:.0f}s")
-        lat, offered = await latency(js, watch, rest[args.n:], args.rate)
-        result = {
+        wall = time.perf_counter() - t0
+        spent = {k: part(k) - before[k] for k in parts}
+        load1, machine = os.getloadavg()[0], machine_busy() - machine0
+        cpu_total = sum(spent.values())
+        result: dict[str, Any] = {
             "mode": args.mode,
+            "nats_nodes": len(nodes),
+            "replicas": topology.replicas,
+            "processes_per_stage": processes,
             "nats_sync_always": args.sync_always,
             "events_per_s": round(rate, 1),
-            "cpu_ms_per_event": round(cpu_ms, 3),
+            "cpu_ms_per_event": round(cpu_total * 1000 / args.n, 3),
+            "cpu_ms_per_event_by_part": {
+                k: round(v * 1000 / args.n, 3) for k, v in spent.items()
+            },
+            "cores_busy": round(cpu_total / wall, 2),
+            # Everything else on the machine (other users) during the same run.
+            "others_cores_busy": round(max(0.0, machine - cpu_total) / wall, 2),
             "load_avg_before": round(load0, 2),
-            "latency_rate_offered": round(offered, 1),
-            "latency_ms_p50": round(pct(lat, 0.50), 2),
-            "latency_ms_p99": round(pct(lat, 0.99), 2),
-            "latency_ms_max": round(max(lat), 2),
-            "latency_ms_mean": round(statistics.fmean(lat), 2),
+            "load_avg_after": round(load1, 2),
             "n_throughput": args.n,
-            "n_latency": len(lat),
             "cpus": os.cpu_count(),
         }
-        print(json.dumps(result, indent=2))
-        await nc.close()
+        print(f"  => {rate:.0f} events/s end to end; {result['cpu_ms_per_event']:.2f} CPU-ms "
+              f"per event {result['cpu_ms_per_event_by_part']}; cores busy: "
+              f"{result['cores_busy']} ours, {result['others_cores_busy']} others'; "
+              f"load {load0:.1f} -> {load1:.1f}")
+        if n_latency:
+            await asyncio.sleep(1.0)
+            print(f"latency: {args.rate:.0f} blueprints/s for {args.seconds:.0f}s")
+            lat, offered = await latency(js, watch, rest[args.n:], args.rate)
+            result |= {
+                "latency_rate_offered": round(offered, 1),
+                "latency_ms_p50": round(pct(lat, 0.50), 2),
+                "latency_ms_p99": round(pct(lat, 0.99), 2),
+                "latency_ms_max": round(max(lat), 2),
+                "latency_ms_mean": round(statistics.fmean(lat), 2),
+                "n_latency": len(lat),
+            }
         return result
     finally:
-        if handle is not None:
-            await stop_workers(args, handle)
-        nats.stop()
+        if isinstance(handle, WorkerProcs):
+            handle.stop()
+        elif handle is not None:
+            await handle.astop()
+        await nc.close()
+        await pgadmin.drop_database(pg.url, name)
+
+
+async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    home = Path(tempfile.mkdtemp(prefix="esper-bench-"))
+    if args.cluster:
+        nodes = start_nats_cluster(home / "nats", args.cluster, sync_always=args.sync_always)
+    else:
+        nodes = [NatsServer.start(home / "nats", sync_always=args.sync_always)]
+    pg = PostgresServer.start(home / "pg")
+    template = "bench_template"
+    results: list[dict[str, Any]] = []
+    try:
+        await upgrade(await pgadmin.create_database(pg.url, template))
+        await pgadmin.seal_template(pg.url, template)
+        topology = Topology(replicas=min(3, len(nodes)))
+        per_point = args.warmup + args.n + int(args.rate * args.seconds)
+        # Repeats outermost: the points of a curve share whatever the load is.
+        for _ in range(args.repeat):
+            for processes in args.processes:
+                results.append(await run_point(
+                    args, processes, nodes=nodes, pg=pg, template=template,
+                    topology=topology, offset=len(results) * per_point,
+                ))
+                print(json.dumps(results[-1]))
+        print("\n| processes/stage | events/s | CPU-ms/event | cores busy: ours / others' "
+              "| load before/after |")
+        print("| ---: | ---: | ---: | ---: | --- |")
+        for r in sorted(results, key=lambda r: r["processes_per_stage"]):
+            print(f"| {r['processes_per_stage']} | {r['events_per_s']:.0f} | "
+                  f"{r['cpu_ms_per_event']:.2f} | {r['cores_busy']:.2f} / "
+                  f"{r['others_cores_busy']:.2f} | "
+                  f"{r['load_avg_before']:.1f}/{r['load_avg_after']:.1f} |")
+        return results
+    finally:
+        for node in nodes:
+            node.stop()
         pg.stop()
         shutil.rmtree(home, ignore_errors=True)
 
@@ -266,19 +394,30 @@ def cli() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=3000, help="blueprints in the throughput run")
     p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--rate", type=float, default=200.0, help="offered blueprints/s for latency")
+    p.add_argument("--rate", type=float, default=200.0,
+                   help="offered blueprints/s for latency (0: no latency run)")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--sync-always", action="store_true", help="nats sync_interval: always")
     p.add_argument("--mode", choices=("procs", "inproc"), default="procs")
+    p.add_argument("--cluster", type=int, default=0,
+                   help="nodes of a loopback JetStream cluster (streams R3); 0: one server")
+    p.add_argument("--processes", default="1",
+                   help="worker processes per stage, a comma list of points (procs mode)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each point")
     p.add_argument("--batch", type=int, help="messages per transaction (stage default)")
     p.add_argument("--concurrency", type=int, help="transactions at once (stage default)")
-    p.add_argument("--json", type=Path, help="append the result here as one JSON line")
-    return p.parse_args()
+    p.add_argument("--json", type=Path, help="append each result here as one JSON line")
+    args = p.parse_args()
+    args.processes = [int(x) for x in args.processes.split(",")]
+    if args.mode == "inproc" and args.processes != [1]:
+        p.error("--mode inproc runs one worker per stage: --processes 1")
+    return args
 
 
 if __name__ == "__main__":
     arguments = cli()
     outcome = asyncio.run(main(arguments))
     if arguments.json:
-        with arguments.json.open("a") as f, contextlib.suppress(Exception):
-            f.write(json.dumps(outcome) + "\n")
+        with arguments.json.open("a") as f:
+            for line in outcome:
+                f.write(json.dumps(line) + "\n")
