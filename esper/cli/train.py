@@ -22,6 +22,17 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if not args.ddp:
+        return _cmd_train(args)
+    from esper.train.ddp_comm import close_comm
+
+    try:
+        return _cmd_train(args)
+    finally:
+        close_comm()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from esper.infra.endpoints import resolve_endpoints
@@ -46,7 +57,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     elif args.device == "cpu":
         torch.set_num_threads(1)  # a small model: one thread is fastest, and leaves a core
-    task = TeacherStudentTask(TaskConfig(seed=args.seed), device=args.device)
+    comm = None
+    if args.ddp:  # under torchrun: one process per GPU (NCCL) or CPU process (gloo)
+        from esper.train.ddp_comm import env_comm
+
+        try:
+            comm = env_comm(args.device)
+        except EsperError as exc:
+            print(f"esper train: {exc}", file=sys.stderr)
+            return 2
+    device = comm.device if comm is not None else args.device
+    task = TeacherStudentTask(TaskConfig(seed=args.seed), device=device)
     config = TrainConfig(steps=args.steps, eval_every=args.eval_every,
                          run_id=args.run_id or uuid.uuid4().hex)
 
@@ -63,11 +84,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"step {event.step:>6}  seed {event.site}[{event.seed}] {event.event:<13} "
               f"{name}  ({event.reason})", flush=True)
 
-    run = TrainRun(
+    run: Any = TrainRun(
         endpoints=endpoints, home=settings.home, public_key=public_key_of(settings),
         config=config, controller=PlateauController(), on_eval=on_eval, on_event=on_event,
         wait_for_kernels=args.wait_kernels, wait_timeout=args.wait_timeout,
     )
+    if comm is not None:
+        from esper.train.ddp import DDPTrainRun
+
+        run = DDPTrainRun(run, comm, verify=args.verify_replicas)
+        print(f"ddp: rank {comm.rank} of {comm.world} on {comm.device}", flush=True)
     print(f"run {config.run_id}: {task.name} on {task.device}, {args.steps} steps, "
           f"sites {', '.join(task.site_schemas)}", flush=True)
     try:
@@ -86,7 +112,15 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{result.count('germinated')}, fossilized {result.count('fossilized')}, culled "
           f"{result.count('culled')}; kernels loaded {len(loaded)}, retired {len(retired)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        extra: dict[str, Any] = {}
+        path = Path(args.json)
+        if comm is not None:  # every rank writes its own: PATH on rank 0, PATH.rank<r> else
+            from dataclasses import asdict
+
+            extra = {"ddp": asdict(run.stats), "step_ms_median": result.step_ms_median}
+            path = path if comm.leader else path.with_name(f"{path.name}.rank{comm.rank}")
+        path.write_text(json.dumps({
+            **extra,
             "run_id": result.run_id, "steps": result.steps, "wall_s": result.wall_s,
             "final_val_loss": result.final_val_loss, "val_loss": result.val_loss,
             "params_start": result.params_start, "params_final": result.params_final,
@@ -111,4 +145,9 @@ def register(sub: Any) -> None:
     p.add_argument("--wait-timeout", type=float, default=60.0)
     p.add_argument("--home", help="data directory (default ESPER_HOME or ~/.esper)")
     p.add_argument("--json", metavar="PATH", help="write the run's result as JSON")
+    p.add_argument("--ddp", action="store_true",
+                   help="data-parallel under torchrun (gloo on cpu, NCCL on cuda); rank 0 "
+                        "consumes kernels and decides, every rank applies in lockstep")
+    p.add_argument("--verify-replicas", action="store_true",
+                   help="with --ddp: hash every rank's model state after each transition")
     p.set_defaults(func=cmd_train)

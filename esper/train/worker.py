@@ -71,12 +71,16 @@ class TrainerLink:
         sites: Sequence[SiteSchema],
         *,
         on_kernel: Callable[[KernelInfo], None] | None = None,
+        make_fetcher: Callable[..., ArtifactFetcher] = ArtifactFetcher,
     ) -> None:
         self.config = config
         self.catalog = catalog
         self.sites = list(sites)
         self.on_kernel = on_kernel
         """Called (on the link's thread) each time a kernel's status changes."""
+        self.make_fetcher = make_fetcher
+        """``(sessions, nc, public_key, cache_dir) -> ArtifactFetcher`` (``--ddp``: one
+        that also keeps what the other ranks need)."""
         self.seedlog: SeedLog | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -178,7 +182,7 @@ class TrainerLink:
             js = nc.jetstream()
             await ensure_streams(js, Topology(), update=False)
             sessions = session_factory(engine)
-            fetcher = ArtifactFetcher(sessions, nc, public_key, cfg.cache_dir)
+            fetcher = self.make_fetcher(sessions, nc, public_key, cfg.cache_dir)
             self.seedlog = SeedLog(sessions, js)
             limit = asyncio.Semaphore(cfg.fetch_concurrency)
             info = await js.stream_info(KERNELS_STREAM)

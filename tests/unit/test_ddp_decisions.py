@@ -1,0 +1,145 @@
+"""What rank 0 tells the other ranks of ``esper train --ddp``: the JSON sync message
+round-trips exactly, and over a real 2-process gloo group (no services) the
+message and the artifact bytes arrive whole, flags and gradients are agreed, and
+a state digest that differs on one rank stops every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from esper.bus import events as ev
+from esper.kasmina import SeedState
+from esper.train.controller import Germinate, Transition
+from esper.train.ddp_sync import (
+    GerminateMsg,
+    KernelSpec,
+    Retirement,
+    SyncMessage,
+    decode,
+    decode_decision,
+    encode,
+    encode_decision,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+BLOB = bytes(range(256)) * 3 + b"\x00end"
+
+
+def _message() -> SyncMessage:
+    spec = KernelSpec(
+        cache_key="ab" * 32, kernel_id="k1", blueprint_hash="cd" * 32, target="cpu",
+        backend="torch", dtype="float32",
+        seed_schema=ev.TensorSpec(shape=("B", 64), dtype="float32"),
+        artifact_digest="ef" * 32, artifact_location="nats-object-store:x", name="residual_mlp",
+        packed_bytes=len(BLOB),
+    )
+    ir_spec = spec.model_copy(update={"cache_key": "12" * 32, "packed_bytes": 0,
+                                      "ir": {"schema_version": 1, "nodes": []}})
+    return SyncMessage(
+        step=49, kernels=(spec, ir_spec), retired=(Retirement(cache_key="99" * 32, reason="r"),),
+        decisions=(
+            encode_decision(Germinate("mid", "ab" * 32, "plateau — ünïcode")),
+            encode_decision(Transition("stem", 1, SeedState.FOSSILIZED, "kept")),
+        ),
+    )
+
+
+def test_decisions_round_trip_through_json() -> None:
+    msg = _message()
+    data = encode(msg)
+    assert json.loads(data)["decisions"][1] == {
+        "kind": "transition", "site": "stem", "seed": 1, "to": "FOSSILIZED", "reason": "kept"}
+    back = decode(data)
+    assert back == msg
+    assert [decode_decision(d) for d in back.decisions] == [
+        Germinate("mid", "ab" * 32, "plateau — ünïcode"),
+        Transition("stem", 1, SeedState.FOSSILIZED, "kept"),
+    ]
+
+
+def test_a_malformed_message_is_refused() -> None:
+    data = json.loads(encode(_message()))
+    with pytest.raises(pydantic.ValidationError):
+        decode(json.dumps({**data, "schema_version": 2}).encode())
+    data["decisions"][0]["kind"] = "explode"
+    with pytest.raises(pydantic.ValidationError):
+        decode(json.dumps(data).encode())
+    with pytest.raises(pydantic.ValidationError):
+        GerminateMsg(site="mid", cache_key="k", reason="r", extra=1)  # type: ignore[call-arg]
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    """One rank (run in its own process by the test below)."""
+    import torch
+    import torch.distributed as dist
+
+    from esper.errors import ReplicaDivergenceError
+    from esper.train.ddp_comm import Comm
+    from esper.train.ddp_sync import broadcast_sync
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    comm = Comm(rank, world, torch.device("cpu"))
+    got, blobs = broadcast_sync(comm, _message() if rank == 0 else None,
+                                [BLOB] if rank == 0 else None)
+    empty = comm.broadcast_bytes(b"" if rank == 0 else None)
+    any_flags = comm.agree([rank == 1, False, True], any_rank=True)
+    all_flags = comm.agree([rank == 1, True], any_rank=False)
+    # Gradients: a param with a grad on rank 0 only, one on both, one on neither.
+    a, b, c = (torch.zeros(3, requires_grad=True) for _ in range(3))
+    b.grad = torch.full((3,), float(rank + 1))
+    if rank == 0:
+        a.grad = torch.tensor([2.0, 4.0, 6.0])
+    comm.average_grads([a, b, c])
+    same = comm.hashes(b"\x01" * 32)
+    try:
+        comm.check_identical(bytes([rank]) * 32, "in the test")
+        diverged = ""
+    except ReplicaDivergenceError as exc:
+        diverged = str(exc)
+    dist.destroy_process_group()
+    Path(out).write_text(json.dumps({
+        "message": encode(got).decode(), "blob": blobs[0].hex(), "empty": empty.hex(),
+        "any": any_flags, "all": all_flags,
+        "a": a.grad.tolist() if a.grad is not None else None,
+        "b": b.grad.tolist() if b.grad is not None else None, "c": c.grad is None,
+        "same": [h.hex() for h in same], "diverged": diverged,
+    }))
+
+
+def test_broadcast_and_agreement_over_two_gloo_processes(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys; from tests.unit.test_ddp_decisions import _worker; "
+             "_worker(int(sys.argv[1]), 2, sys.argv[2], sys.argv[3])",
+             str(rank), str(store), str(tmp_path / f"rank{rank}.json")],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for p in procs:
+        output, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, output[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert decode(r1["message"].encode()) == _message()
+    assert bytes.fromhex(r1["blob"]) == BLOB
+    assert r1["empty"] == ""
+    for r in (r0, r1):
+        assert r["any"] == [True, False, True]
+        assert r["all"] == [False, True]
+        assert r["a"] == [1.0, 2.0, 3.0]  # (2,4,6) + nothing, over 2 ranks
+        assert r["b"] == [1.5, 1.5, 1.5]
+        assert r["c"] is True  # no grad anywhere: stays None
+        assert r["same"] == ["01" * 32, "01" * 32]
+        assert "replicas diverged in the test" in r["diverged"]
+        assert "rank 1: " + "01" * 8 in r["diverged"]
