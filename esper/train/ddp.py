@@ -91,6 +91,10 @@ class DDPStats:
     """Steps whose boundary installed a kernel (waits for builds, broadcasts inits)."""
     sync_ms: list[float] = field(default_factory=list)
     """Each evaluation's broadcast and apply, kernels loaded included."""
+    step_ms: list[float] = field(default_factory=list)
+    """Every training step (evaluations and syncs excluded)."""
+    check_ms: list[float] = field(default_factory=list)
+    """Each cross-rank state check (hash + all-gather)."""
     kernels_shipped: int = 0
 
 
@@ -159,6 +163,7 @@ class DDPTrainer(Trainer):
                 pending.append(loss.detach())
                 dt = time.perf_counter() - t0
                 step_s.append(dt)
+                self.stats.step_ms.append(dt * 1e3)
                 if installed:
                     self.stats.hot_load_ms.append(dt * 1e3)
                 if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
@@ -189,20 +194,28 @@ class DDPTrainer(Trainer):
         if running:
             kas.seed_optimizer.zero_grad()
         rng = _rng_state() if running else None
+        # The same tensors on every rank, even after a local cull drops a seed.
+        params = list(kas.parameters())
         loss = closure()
-        if running:
-            for _ in range(1 + len(self.slots)):
+        for _ in range(1 + len(self.slots)):
+            culled, rerun = [], False
+            if running:
                 kas.train_seeds()
                 report = kas.check_faults(step)
-                if not self._agree_culls(report.culled, report.needs_rerun, step):
-                    break
-                # Some rank's host saw a culled seed: every rank redoes the step without it.
-                _set_rng_state(rng)
-                kas.seed_optimizer.zero_grad()
-                for layer in kas.sites.values():
-                    layer.drop_records()
-                loss = closure()
-        comm.average_grads(kas.parameters())
+                culled, rerun = report.culled, report.needs_rerun
+            # One all-reduce: seed gradients, and every rank's culls riding along.
+            mine = {(e.site, e.seed) for e in culled}
+            flags = comm.average_grads(params,
+                                       [key in mine for key in self.slots] + [rerun]
+                                       if running else [])
+            if not running or not self._cull_agreed(flags, mine, step):
+                break
+            # Some rank's host saw a culled seed: every rank redoes the step without it.
+            _set_rng_state(rng)
+            kas.seed_optimizer.zero_grad()
+            for layer in kas.sites.values():
+                layer.drop_records()
+            loss = closure()
         self.optimizer.step()
         kas.seed_optimizer.step()
         loading = any(kas.state_of(site, k) is S.GERMINATED for site, k in self.slots)
@@ -213,7 +226,9 @@ class DDPTrainer(Trainer):
         if not loading:
             return loss, False
         moved = self._step_events[before:]
-        self._agree_culls([e for e in moved if e.to_state is S.CULLED], False, step)
+        mine = {(e.site, e.seed) for e in moved if e.to_state is S.CULLED}
+        self._cull_agreed(self.comm.agree([key in mine for key in self.slots], any_rank=True),
+                          mine, step)
         installed = False
         for e in moved:
             if e.from_state is S.GERMINATED and e.to_state is S.TRAINING \
@@ -224,14 +239,13 @@ class DDPTrainer(Trainer):
                 installed = True
         return loss, installed
 
-    def _agree_culls(self, culled: Sequence[SeedEvent], rerun: bool, step: int) -> bool:
-        """Cull here what any rank culled; return whether any rank must re-run."""
-        mine = {(e.site, e.seed) for e in culled}
-        flags = self.comm.agree([key in mine for key in self.slots] + [rerun], any_rank=True)
+    def _cull_agreed(self, flags: Sequence[bool], mine: set[SlotKey], step: int) -> bool:
+        """``flags``: per slot, culled on some rank (then one more: some rank must
+        re-run the step). Cull here what another rank culled; return the last flag."""
         for key, flag in zip(self.slots, flags, strict=False):
             if flag and key not in mine and self.kasmina.state_of(*key) in LIVE_STATES:
                 self._cull(key, step, "fault on another rank")
-        return flags[-1]
+        return len(flags) > len(self.slots) and flags[-1]
 
     def _cull(self, key: SlotKey, step: int, reason: str) -> None:
         kas = self.kasmina
@@ -270,6 +284,7 @@ class DDPTrainer(Trainer):
 
     def check(self, step: int, what: str) -> str:
         """All ranks' model states are bit-identical, or ReplicaDivergenceError."""
+        t0 = time.perf_counter()
         kas = self.kasmina
         mirror = [[name, k, kas.state_of(name, k).name,
                    kas.site(name).state.slots[k].steps, kas.site(name).state.slots[k].cache_key]
@@ -277,6 +292,7 @@ class DDPTrainer(Trainer):
         digest = state_digest([self.host, kas], extra=mirror)
         self.comm.check_identical(digest, what)
         self.stats.checks.append((step, digest.hex()))
+        self.stats.check_ms.append((time.perf_counter() - t0) * 1e3)
         return digest.hex()
 
 

@@ -70,46 +70,52 @@ class Comm:
 
     # --- gradients and modules ----------------------------------------------------------
 
-    def average_grads(self, params: Iterable[torch.Tensor]) -> None:
+    def average_grads(self, params: Iterable[torch.Tensor],
+                      flags: Sequence[bool] = ()) -> list[bool]:
         """Average ``params``' gradients over ranks in ONE all-reduce (a flat float32
         buffer plus one presence count per param): a param with a gradient on some
         rank gets sum / world everywhere (as DDP averages), one with none anywhere
-        keeps ``grad is None`` (an optimizer must not step it)."""
+        keeps ``grad is None`` (an optimizer must not step it). ``flags`` ride along
+        in the same all-reduce; returned: each set on any rank."""
         ps = [p for p in params if p.requires_grad]
-        if not ps:
-            return
+        if not ps and not flags:
+            return []
         parts = [
-            p.grad.detach().reshape(-1).float() if p.grad is not None
-            else torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            p.grad.detach().reshape(-1).float().to(self.device) if p.grad is not None
+            else torch.zeros(p.numel(), dtype=torch.float32, device=self.device)
             for p in ps
         ]
-        present = torch.tensor([float(p.grad is not None) for p in ps], device=ps[0].device)
-        flat = torch.cat([*parts, present]).to(self.device)
+        tail = [float(p.grad is not None) for p in ps] + [float(f) for f in flags]
+        flat = torch.cat([*parts, torch.tensor(tail, device=self.device)])
         dist.all_reduce(flat)
-        flat = flat.to(ps[0].device)
-        counts = flat[-len(ps):].tolist()
+        counts = flat[flat.numel() - len(tail):].tolist()
         offset = 0
-        for p, count in zip(ps, counts, strict=True):
+        for p, count in zip(ps, counts, strict=False):
             n = p.numel()
             if count > 0:
-                avg = (flat[offset:offset + n] / self.world).view_as(p).to(p.dtype)
+                avg = (flat[offset:offset + n] / self.world).view_as(p).to(p.device, p.dtype)
                 if p.grad is None:
                     p.grad = avg
                 else:
                     p.grad.copy_(avg)
             offset += n
+        return [c > 0 for c in counts[len(ps):]]
 
     def broadcast_module(self, module: nn.Module, src: int = 0) -> None:
-        """Copy ``module``'s parameters and buffers from rank ``src`` in place (a
-        seed built on every rank starts from rank ``src``'s random init)."""
+        """Copy ``module``'s parameters and buffers from rank ``src`` in place, one
+        broadcast per dtype (a seed built on every rank starts from rank ``src``'s
+        random init)."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in (*module.parameters(), *module.buffers()):
+            by_dtype.setdefault(t.dtype, []).append(t)
         with torch.no_grad():
-            for t in (*module.parameters(), *module.buffers()):
-                if t.device == self.device:
-                    dist.broadcast(t.data, src)
-                else:
-                    buf = t.detach().to(self.device)
-                    dist.broadcast(buf, src)
-                    t.data.copy_(buf)
+            for ts in by_dtype.values():
+                flat = torch.cat([t.detach().reshape(-1).to(self.device) for t in ts])
+                dist.broadcast(flat, src)
+                offset = 0
+                for t in ts:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
 
     # --- replica identity ---------------------------------------------------------------
 

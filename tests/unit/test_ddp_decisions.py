@@ -114,15 +114,17 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     }))
 
 
-def test_broadcast_and_agreement_over_two_gloo_processes(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
+def _two_ranks(tmp_path: Path, worker: str) -> list[dict]:  # type: ignore[type-arg]
+    """Run ``worker(rank, 2, store, out)`` of this module in two processes (a gloo
+    group on a file store); their JSON outputs in rank order."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c",
-             "import sys; from tests.unit.test_ddp_decisions import _worker; "
-             "_worker(int(sys.argv[1]), 2, sys.argv[2], sys.argv[3])",
-             str(rank), str(store), str(tmp_path / f"rank{rank}.json")],
+             f"import sys; from tests.unit.test_ddp_decisions import {worker}; "
+             f"{worker}(int(sys.argv[1]), 2, sys.argv[2], sys.argv[3])",
+             str(rank), str(tmp_path / "store"), str(tmp_path / f"rank{rank}.json")],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in (0, 1)
@@ -130,7 +132,11 @@ def test_broadcast_and_agreement_over_two_gloo_processes(tmp_path: Path) -> None
     for p in procs:
         output, _ = p.communicate(timeout=120)
         assert p.returncode == 0, output[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_broadcast_and_agreement_over_two_gloo_processes(tmp_path: Path) -> None:
+    r0, r1 = _two_ranks(tmp_path, "_worker")
     assert decode(r1["message"].encode()) == _message()
     assert bytes.fromhex(r1["blob"]) == BLOB
     assert r1["empty"] == ""
@@ -143,3 +149,86 @@ def test_broadcast_and_agreement_over_two_gloo_processes(tmp_path: Path) -> None
         assert r["same"] == ["01" * 32, "01" * 32]
         assert "replicas diverged in the test" in r["diverged"]
         assert "rank 1: " + "01" * 8 in r["diverged"]
+
+
+FAULT_AFTER = 36
+"""Forward calls after which rank 1's copy of the kernel returns NaN: the dry run,
+30 TRAINING steps, then a few GRAFTING ones (blended: the host saw it)."""
+
+
+def _trainer_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of a grown run whose kernel faults on rank 1 only (no services: rank
+    0's catalog is filled as its link would fill it, with a pass-through kernel)."""
+    import torch
+    import torch.distributed as dist
+
+    import esper.train.ddp_sync as sync
+    from esper.ir import bundled
+    from esper.kasmina import KasminaConfig
+    from esper.train.catalog import KernelCatalog, KernelInfo, KernelStatus
+    from esper.train.controller import PlateauController
+    from esper.train.ddp import DDPTrainer
+    from esper.train.ddp_comm import Comm
+    from esper.train.loop import TrainConfig
+    from esper.train.task import TaskConfig, TeacherStudentTask
+
+    reference = sync.reference_factory
+
+    def faulty(ir: dict, dtype: str):  # type: ignore[no-untyped-def,type-arg]
+        def make(device):  # type: ignore[no-untyped-def]
+            module = reference(ir, dtype)(device)
+            calls, forward = [0], module.forward
+
+            def nan_later(x):  # type: ignore[no-untyped-def]
+                calls[0] += 1
+                y = forward(x)
+                return y * float("nan") if calls[0] > FAULT_AFTER else y
+
+            module.forward = nan_later
+            return module
+        return make
+
+    if rank == 1:  # this rank's copy of the kernel goes bad; rank 0's never does
+        sync.reference_factory = faulty
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    comm = Comm(rank, world, torch.device("cpu"))
+    link, shipments = KernelCatalog(), sync.Shipments()
+    if rank == 0:
+        ir = bundled()["residual_mlp"].to_dict()
+        link.announce(KernelInfo(
+            cache_key="ab" * 32, kernel_id="k", blueprint_hash="cd" * 32, target="cpu",
+            backend="torch", dtype="float32",
+            seed_schema=ev.TensorSpec(shape=("B", 64), dtype="float32"), artifact_digest=None,
+            artifact_location=None, name="residual_mlp", status=KernelStatus.LOADED,
+            factory=reference(ir, "float32"), source="blueprint-ir"))
+        shipments.put("ab" * 32, sync.Shipment(ir=ir))
+    trainer = DDPTrainer(
+        TeacherStudentTask(TaskConfig(batch=64, val_size=256)), KernelCatalog(), comm,
+        config=TrainConfig(steps=110, eval_every=10, kasmina=KasminaConfig(
+            train_steps=30, graft_steps=20, stabilize_steps=None, embargo_steps=50)),
+        controller=PlateauController(warmup_steps=40, patience=1, min_improvement=10.0,
+                                     max_germinations=1),
+        outbox=sync.KernelOutbox(link, shipments) if rank == 0 else None,
+        link_catalog=link if rank == 0 else None, verify=True,
+    )
+    result = trainer.run()
+    dist.destroy_process_group()
+    Path(out).write_text(json.dumps({
+        "events": [[e.step, e.site, e.seed, e.event, e.reason] for e in result.events],
+        "checks": trainer.stats.checks, "val": result.val_loss,
+    }))
+
+
+@pytest.mark.slow
+def test_a_fault_seen_on_one_rank_culls_the_seed_on_every_rank(tmp_path: Path) -> None:
+    r0, r1 = _two_ranks(tmp_path, "_trainer_worker")
+    assert [e[:4] for e in r0["events"]] == [e[:4] for e in r1["events"]]
+    assert [e[3] for e in r0["events"]] == ["germinated", "training", "grafting", "culled"]
+    assert r1["events"][-1][4].startswith("non-finite")  # rank 1 saw the fault...
+    assert r0["events"][-1][4] == "fault on another rank"  # ...rank 0 agreed
+    # The step re-ran without the seed on both ranks: still bit-identical, after the
+    # cull and to the end.
+    assert r0["checks"] == r1["checks"]
+    assert [c[0] for c in r0["checks"]] == [e[0] for e in r0["events"]] + [109]
+    assert r0["val"] == r1["val"]
