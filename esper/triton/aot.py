@@ -156,6 +156,7 @@ class BinaryLauncher:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self._go: Callable[[int, Sequence[Any], KernelConfig], None] | None = None
+        self._direct: tuple[Any, ...] | None = None
 
     def warm(self) -> None:
         k = self.kernel
@@ -169,8 +170,10 @@ class BinaryLauncher:
         direct = (hasattr(run, "launch") and not getattr(md, "global_scratch_size", 0)
                   and not getattr(md, "profile_scratch_size", 0)
                   and hasattr(run, "launch_cooperative_grid"))
+        self._direct = None
         if direct:
             launch, coop, pdl = run.launch, run.launch_cooperative_grid, run.launch_pdl
+            self._direct = (launch, get_stream, device, function, coop, pdl, packed)
 
             def go(grid: int, args: Sequence[Any], cfg: KernelConfig) -> None:
                 launch(grid, 1, 1, get_stream(device), function, coop, pdl, None, None,
@@ -187,6 +190,23 @@ class BinaryLauncher:
             self.warm()
         assert self._go is not None
         self._go(grid, args, cfg)
+
+    def bind(self, cfg: KernelConfig) -> Callable[..., None]:
+        """``go(grid, *args)``: one Python frame over Triton's C launcher."""
+        if self._go is None:
+            self.warm()
+        if self._direct is None:
+            slow = self._go
+            assert slow is not None
+            return lambda grid, *args: slow(grid, args, cfg)
+        launch, get_stream, device, function, coop, pdl, packed = self._direct
+        br = cfg.block_r
+
+        def go(grid: int, *args: Any) -> None:
+            launch(grid, 1, 1, get_stream(device), function, coop, pdl, None, None, packed,
+                   None, None, None, *args, br)
+
+        return go
 
 
 def load_binaries(module: Any, requests: list[dict[str, Any]], files: Mapping[str, bytes],

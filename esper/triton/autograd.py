@@ -30,8 +30,12 @@ class Schedule:
     """Steps over numbered slots; ``run`` picks the autograd or the plain path."""
 
     def __init__(self, steps: list[Step], n_slots: int, input_slots: Sequence[int],
-                 output_slots: Sequence[int], n_params: int) -> None:
+                 output_slots: Sequence[int], n_params: int, *,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.steps = steps
+        self.dtype = dtype
+        self.generated = True  # False: the step objects' own backward (the reference)
+        self._programs: dict[tuple[bool, ...], Any] = {}
         self.n_slots = n_slots
         self.input_slots = tuple(input_slots)
         self.output_slots = tuple(output_slots)
@@ -63,9 +67,10 @@ class Schedule:
 
     def run(self, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
             symbols: dict[str, int]) -> tuple[torch.Tensor, ...]:
-        if torch.is_grad_enabled() and (any(t.requires_grad for t in inputs)
-                                        or any(p.requires_grad for p in params)):
-            return BlueprintFunction.apply(self, symbols, *inputs, *params)  # type: ignore[no-any-return]
+        if torch.is_grad_enabled():
+            for t in (*params, *inputs):  # parameters first: in training they need grads
+                if t.requires_grad:
+                    return BlueprintFunction.apply(self, symbols, *inputs, *params)  # type: ignore[no-any-return]
         env: list[Any] = [None] * self.n_slots
         for s, t in zip(self.input_slots, inputs, strict=True):
             env[s] = t
@@ -127,6 +132,16 @@ class Schedule:
                                                              strict=True)))
 
 
+    def program(self, flags: tuple[bool, ...]) -> Any:
+        """The generated host program for one requires-grad pattern (made once)."""
+        prog = self._programs.get(flags)
+        if prog is None:
+            from esper.triton.hostgen import HostProgram
+
+            prog = self._programs[flags] = HostProgram(self, self.needs(flags), self.dtype)
+        return prog
+
+
 class BlueprintFunction(torch.autograd.Function):
     """``apply(schedule, symbols, *inputs, *params) -> outputs``."""
 
@@ -134,9 +149,15 @@ class BlueprintFunction(torch.autograd.Function):
     def forward(ctx: Any, schedule: Schedule, symbols: dict[str, int],
                 *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
+        if schedule.generated:
+            prog = ctx.prog = schedule.program(ctx.needs_input_grad[2:])
+            return prog.forward(ctx, symbols, *tensors)  # type: ignore[no-any-return]
+        ctx.prog = None
         ctx.schedule = schedule
         return schedule.forward(ctx, symbols, tensors)
 
     @staticmethod
     def backward(ctx: Any, *gouts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if ctx.prog is not None:
+            return (None, None, *ctx.prog.backward(ctx, *gouts))
         return (None, None, *ctx.schedule.backward(ctx, gouts))

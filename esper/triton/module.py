@@ -112,9 +112,21 @@ class TritonBlueprintModule(BlueprintModule):
                 ins = tuple(i for kind, i in args if kind == "slot")
                 pins = tuple(i for kind, i in args if kind == "param")
                 steps.append(GroupStep(ins=ins, outs=tuple(slot(o.value) for o in s.outputs),
-                                       pins=pins, saves=ins, runner=runner, args=args))
+                                       pins=pins, saves=ins, runner=runner, args=args,
+                                       plain=self._plain_group(s, runner)))
         return Schedule(steps, len(slots), [slots[v] for v in self.plan.inputs],
-                        [slot(v) for v in self.plan.outputs], len(self._pkeys))
+                        [slot(v) for v in self.plan.outputs], len(self._pkeys),
+                        dtype=self.compute_dtype)
+
+    def _plain_group(self, step: FusedStep, runner: GroupRunner) -> bool:
+        """One full output shaped like its first full input (of the frame's rank)."""
+        if not runner.plain_fwd or len(step.outputs) != 1 or runner.bwd is None:
+            return False
+        assert runner.full_input is not None
+        name = step.inputs[runner.full_input].value.removesuffix("#mm")
+        shapes = self.ir.infer_shapes()
+        shape = shapes[name].shape if name in shapes else None
+        return shape is not None and len(shape) == len(step.frame)
 
     def _params_of(self, node: str) -> dict[str, int]:
         return {n: i for (nid, n), i in self._pindex.items() if nid == node}

@@ -10,7 +10,7 @@ launch), so a group costs one launch each way."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -22,6 +22,10 @@ from esper.triton.tiles import TileProgram
 class Launcher(Protocol):
     def launch(self, grid: int, args: Sequence[Any], cfg: KernelConfig) -> None: ...
 
+    def bind(self, cfg: KernelConfig) -> Callable[..., None]:
+        """``go(grid, *args)`` launching under ``cfg`` (the generated host code's call)."""
+        ...
+
 
 class JitLauncher:
     """Launch a ``@triton.jit`` function (compiles on first use; interpreter on CPU)."""
@@ -32,6 +36,14 @@ class JitLauncher:
     def launch(self, grid: int, args: Sequence[Any], cfg: KernelConfig) -> None:
         self.fn[(grid,)](*args, BLOCK_R=cfg.block_r, num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages)
+
+    def bind(self, cfg: KernelConfig) -> Callable[..., None]:
+        fn, br, nw, ns = self.fn, cfg.block_r, cfg.num_warps, cfg.num_stages
+
+        def go(grid: int, *args: Any) -> None:
+            fn[(grid,)](*args, BLOCK_R=br, num_warps=nw, num_stages=ns)
+
+        return go
 
 
 def aliases(prog: TileProgram) -> dict[int, tuple[str, int]]:
@@ -76,6 +88,11 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
         t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when contiguous and 16-byte aligned, else such a copy."""
+    return t if t.is_contiguous() and not t.data_ptr() % 16 else _aligned(t)
 
 
 class GroupRunner:

@@ -195,6 +195,9 @@ class GroupStep(Step):
 
     runner: GroupRunner | None = None
     args: tuple[tuple[str, int], ...] = ()
+    # one full output shaped like a full input of the frame's rank (no aliases):
+    # the host code generator spells its launches out
+    plain: bool = False
 
     def _inputs(self, call: Call) -> list[torch.Tensor]:
         env, params = call.env, call.params
