@@ -1,7 +1,7 @@
 """Data-parallel training (``esper train --ddp``'s trainer) on CPU: step time of
 2 gloo processes, by phase, against one plain process, and what a hot-load costs.
 
-    python benchmarks/bench_ddp.py [--steps 400] [--nproc 2]
+    python benchmarks/bench_ddp.py [--steps 400] [--nproc 2] [--verify]
 
 No services: rank 0's kernel catalog is filled as its link would fill it (a
 signed torch-backend ``residual_mlp`` artifact, verified and loaded), so the
@@ -70,7 +70,7 @@ def kernel_info(home: Path) -> tuple[KernelInfo, bytes]:
     return info, packed
 
 
-def rank_main(home: Path, steps: int) -> None:
+def rank_main(home: Path, steps: int, verify: bool) -> None:
     import torch.distributed as dist
 
     from esper.train.ddp import DDPTrainer
@@ -89,7 +89,7 @@ def rank_main(home: Path, steps: int) -> None:
         TeacherStudentTask(TaskConfig()), KernelCatalog(), comm,
         config=TrainConfig(steps=steps, eval_every=10, kasmina=KASMINA), controller=controller(),
         public_key=pub, outbox=KernelOutbox(link, ships) if comm.leader else None,
-        link_catalog=link if comm.leader else None, verify=True,
+        link_catalog=link if comm.leader else None, verify=verify,
     )
     dist.barrier()
     result = trainer.run()
@@ -138,6 +138,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--verify", action="store_true",
+                    help="hash and compare the state after every transition (the end is "
+                         "always checked); adds a tiny all-reduce per step, outside the timing")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         home = Path(tmp)
@@ -151,7 +154,8 @@ def main() -> None:
         base_ms, base_events = baseline(args.steps)
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-             str(args.nproc), __file__, "--rank-main", str(home), str(args.steps)],
+             str(args.nproc), __file__, "--rank-main", str(home), str(args.steps),
+             str(int(args.verify))],
             env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"},
             capture_output=True, text=True, check=False,
         )
@@ -176,6 +180,7 @@ def main() -> None:
              ("install_step_ms", 14))))
         out[f"rank{r}"] = {**ph, "sync_ship_ms": st["sync_ms"][0],
                            "sync_ms_median": statistics.median(st["sync_ms"][1:]),
+                           "hot_load_ms": st["hot_load_ms"],
                            "check_ms_median": statistics.median(st["check_ms"]),
                            "checks": len(st["checks"])}
     for r in range(len(ranks)):
@@ -193,6 +198,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--rank-main":
-        rank_main(Path(sys.argv[2]), int(sys.argv[3]))
+        rank_main(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
     else:
         main()
