@@ -501,10 +501,11 @@ def profile(shipped: Path, out: Path, cases: list[str]) -> None:
                 for _ in range(5):
                     step(m)
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+            avg = prof.key_averages()
             lines.append(f"== {key} {label}: cpu enqueue {cpu:.3f} ms/step, "
                          f"wall {wall:.3f} ms/step")
-            lines.append(table)
+            lines.append(avg.table(sort_by="cuda_time_total", row_limit=10))
+            lines.append(avg.table(sort_by="self_cpu_time_total", row_limit=12))
     text = "\n".join(lines)
     print(text)
     (out / "profile.txt").write_text(text)

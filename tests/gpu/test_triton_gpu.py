@@ -176,7 +176,8 @@ def _step_grads(module: Any, xs: list[torch.Tensor], gouts: list[torch.Tensor]
 
 def test_cuda_graphs_capture_the_whole_step(tmp_path: Path) -> None:
     """One autograd function, in-kernel sums (atomics + ticket) and in-kernel grad
-    accumulation replay from a CUDA graph with the eager step's results."""
+    accumulation replay from a CUDA graph with the eager step's results (up to
+    the order of the fp32 atomic adds of bias/gain sums)."""
     ir = bundled()["bottleneck_adapter"]
     backend = TritonBackend(tmp_path)
     cf = backend.compile(ir, _target(), CompileOptions(dtype="float32", autotune=False))
@@ -194,7 +195,7 @@ def test_cuda_graphs_capture_the_whole_step(tmp_path: Path) -> None:
     for _ in range(3):  # replays must not depend on what earlier ones left behind
         got = _step_grads(graphed, xs, gouts)
         for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
 def test_tuned_artifact_decides_per_group_on_the_whole_step(tmp_path: Path) -> None:
