@@ -124,8 +124,9 @@ def check_performance(s: Subject) -> r.CheckRecord:
     msg = (f"fwd+bwd {k_ms:.3f} ms vs eager {e_ms:.3f} ms (x{ratio:.3f}) at batch {batch}; "
            f"budget x{bound:.2f}")
     if ratio > bound:
-        return r.failed(r.PERFORMANCE, msg + ": rejected (the reference backend's own kernel "
-                        "serves this blueprint instead)", figure=ratio, bound=bound, **details)
+        return r.failed(r.PERFORMANCE, msg + ": rejected (over_budget=reject: a kernel slower "
+                        "than eager gains nothing over the reference backend)", figure=ratio,
+                        bound=bound, **details)
     return r.passed(r.PERFORMANCE, msg, figure=ratio, bound=bound, **details)
 
 

@@ -7,10 +7,11 @@ Decisions recorded here:
   "numerics verified on CPU". ``"defer"`` leaves such kernels to a GPU validator
   (the message is redelivered until one takes it).
 - A kernel slower than eager by more than ``perf_budget`` is REJECTED (check
-  ``performance``), not swapped for the reference backend: a validated event
-  vouches for one artifact's bytes, and the reference backend's kernel for the
-  same blueprint is its own artifact with its own validation, which trainers
-  can use instead.
+  ``performance``; the reason's message says so), not swapped for the reference
+  backend here: a validated event vouches for one artifact's bytes, and a
+  reference-backend kernel of the same blueprint is another artifact that needs
+  its own validation. A trainer without a kernel for a blueprint keeps its host
+  as it is (nothing is grafted), which is always safe.
 - Extra backend modules (e.g. test backends) are imported in the sandbox only if
   their dotted name starts with one of ``ALLOWED_MODULE_PREFIXES``."""
 
@@ -79,8 +80,9 @@ class ValidationPolicy(BaseModel):
     """Rejected when peak fwd+bwd memory > budget x eager's (+ slack) (GPU only)."""
     memory_slack_bytes: int = 1 << 20
     timeout_s: float = 120.0
-    """Wall clock for one validation once the sandbox is up; then it is killed."""
-    start_timeout_s: float = 300.0
+    """Wall clock for one validation once the sandbox is up; then it is killed.
+    With ``start_timeout_s`` it stays under the worker's 300 s handler timeout."""
+    start_timeout_s: float = 120.0
     """Wall clock for a sandbox process to import torch and report ready."""
     backend_modules: tuple[str, ...] = ()
     """Modules the sandbox imports to register extra backends (allow-listed)."""

@@ -19,6 +19,8 @@ from typing import TextIO
 
 from esper.validate.protocol import PROGRESS_PREFIX, SandboxRequest
 
+_PRELOAD = ("cryptography.hazmat.primitives.serialization", "esper.compile.pipeline",
+            "esper.validate.checks", "esper.validate.device_checks", "esper.validate.integrity")
 # Built-in backends that register on import rather than through get_backend.
 _BACKEND_MODULES = {"triton": "esper.triton.backend"}
 
@@ -70,8 +72,9 @@ def validate(request: SandboxRequest) -> object:
     import torch
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    from esper.validate.checks import NUMERIC_CHECKS, check_integrity
+    from esper.validate.checks import NUMERIC_CHECKS
     from esper.validate.device_checks import check_coverage, check_performance, check_resources
+    from esper.validate.integrity import check_integrity
 
     policy = request.policy
     torch.manual_seed(policy.seed)  # the declared init of fresh modules
@@ -114,11 +117,9 @@ def _warm_up() -> None:
     lazy import behind ``use_deterministic_algorithms`` (~1 s), autograd's start,
     and on a GPU machine the CUDA context."""
     import torch
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: F401
 
-    import esper.compile.pipeline
-    import esper.validate.checks
-    import esper.validate.device_checks  # noqa: F401
+    for module in _PRELOAD:  # imported now, used by each request
+        importlib.import_module(module)
     from esper.validate.subject import poisoned
 
     with poisoned():

@@ -21,7 +21,8 @@ from esper.compile.backend import CompileOptions
 from esper.compile.pipeline import CompileResult, compile_blueprint
 from esper.ir import BlueprintIR, bundled
 from esper.validate import report as r
-from esper.validate.checks import NUMERIC_CHECKS, _judge, _Worst, check_integrity
+from esper.validate.checks import NUMERIC_CHECKS, _judge, _Worst
+from esper.validate.integrity import check_integrity
 from esper.validate.policy import ValidationPolicy, check_module_name
 from esper.validate.protocol import ExpectedKernel
 from esper.validate.runner import SandboxRunner
