@@ -184,7 +184,12 @@ def host_costs(shipped: Path, pub: Any) -> dict[str, float]:
     from esper.triton.backend import TritonBackend
 
     a = torch.randn(64, 64, device="cuda")
+    x = torch.randn(16384, 512, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16)
     out: dict[str, float] = {}
+    # a training-size bf16 GEMM: 10 enqueued back to back (~50 us of GPU each)
+    out["torch_linear_bf16_16kx512x2048_us"] = host_ms(
+        lambda: [torch.nn.functional.linear(x, w) for _ in range(10)], n=2) * 100
     for label, fn in (("torch_add", lambda: a + a), ("torch_mm", lambda: a @ a),
                       ("torch_empty", lambda: torch.empty(64, 64, device="cuda")),
                       ("torch_sum_dim0", lambda: a.sum(0))):
