@@ -16,6 +16,8 @@ Two steps, two machines:
   load time; writes ``results.json`` and ``results.md``.
 
       python benchmarks/bench_triton.py run --shipped .triton-shipped --out $OUT
+
+  host (any machine, no GPU): a CPU proxy of the host cost of one step.
 """
 
 from __future__ import annotations
@@ -516,6 +518,77 @@ def profile(shipped: Path, out: Path, cases: list[str]) -> None:
     (out / "profile.txt").write_text(text)
 
 
+def host_proxy(reps: int = 200, rounds: int = 7) -> None:
+    """CPU-only proxy of the host cost of one training step: every case's structure
+    at tiny widths on CPU tensors, kernels replaced by launchers that do nothing;
+    eager vs Esper (generated host code) vs Esper (step objects walked
+    generically). Best of ``rounds`` rounds of ``reps`` steps, interleaved."""
+    import copy
+
+    import torch
+
+    from esper.compile.passes import optimize
+    from esper.compile.reference import build_module
+    from esper.ir import BlueprintIR
+    from esper.triton.backend import build_plan
+    from esper.triton.module import TritonBlueprintModule
+
+    class Nop:
+        def launch(self, grid: int, args: Any, cfg: Any) -> None:
+            pass
+
+        def bind(self, cfg: Any) -> Any:
+            return lambda grid, *args: None
+
+    def tiny(name: str) -> Any:
+        bp = copy.deepcopy(CASES[name][0])
+        for i in bp["inputs"]:
+            rank = len(i["shape"])
+            i["shape"] = [d if isinstance(d, str) else (4 if rank == 4 and k == 1 else 8)
+                          for k, d in enumerate(i["shape"])]
+        for n in bp["nodes"]:
+            a = n.get("attrs", {})
+            for key, val in (("out_features", 8), ("normalized_shape", [8]),
+                             ("out_channels", 4)):
+                if key in a:
+                    a[key] = val
+        return BlueprintIR.from_dict({"schema_version": 1, "name": name, **bp})
+
+    def step(m: Any, xs: list[Any], g: Any) -> None:
+        for x in xs:
+            x.grad = None
+        for p in m.parameters():
+            p.grad = None
+        m(*xs).backward(g)
+
+    torch.set_num_threads(1)
+    print("| case | eager us | Esper generated us | Esper step objects us | x eager |")
+    print("|---|---|---|---|---|")
+    for name in CASES:
+        ir = optimize(tiny(name))
+        plan, _ = build_plan(ir, "float32")
+        nop = {k: Nop() for g in plan.groups() for k in (g.fwd_kernel, g.bwd_kernel)}
+        gen = TritonBlueprintModule(ir, plan, nop)  # type: ignore[arg-type]
+        ref = TritonBlueprintModule(ir, plan, nop)  # type: ignore[arg-type]
+        assert ref._schedule is not None
+        ref._schedule.generated = False
+        eager = build_module(ir)
+        xs = [torch.randn([1 if isinstance(d, str) else d for d in i.shape], requires_grad=True)
+              for i in ir.inputs]
+        g = torch.ones_like(eager(*xs))
+        best = {"eager": math.inf, "gen": math.inf, "ref": math.inf}
+        for _ in range(rounds):
+            for label, m in (("eager", eager), ("gen", gen), ("ref", ref)):
+                for _ in range(20):
+                    step(m, xs, g)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    step(m, xs, g)
+                best[label] = min(best[label], (time.perf_counter() - t0) / reps * 1e6)
+        print(f"| {name} | {best['eager']:.1f} | {best['gen']:.1f} | {best['ref']:.1f} | "
+              f"{best['eager'] / best['gen']:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -531,8 +604,11 @@ def main() -> None:
     pr.add_argument("--shipped", type=Path, required=True)
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("cases", nargs="+")
+    sub.add_parser("host", help="CPU proxy of the host cost per step (no GPU)")
     args = ap.parse_args()
-    if args.cmd == "build":
+    if args.cmd == "host":
+        host_proxy()
+    elif args.cmd == "build":
         build(args.out, args.triton_python)
     elif args.cmd == "profile":
         profile(args.shipped, args.out, args.cases)
