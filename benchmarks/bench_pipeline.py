@@ -7,14 +7,17 @@ pass-through handlers, on embedded servers started here.
     python benchmarks/bench_pipeline.py --cluster 3 --processes 1,2,3,4 --repeat 2 --rate 0
                                                          # scale-out: a 3-node cluster, R3
                                                          # streams, 1..4 processes per stage
+    python benchmarks/bench_pipeline.py --cluster 3 --processes 1,2,3,4 --compile-hold 20
+                                                         # compile waits 20 ms per message
 
 Throughput: N distinct blueprints published at once; events/s = N over the
 time from the first publish to the N-th KernelReady. Latency: blueprints
 offered at a fixed rate; submit → KernelReady received by a subscriber.
-Each point (a number of processes per stage, each repeat) gets a fresh database and fresh
-streams; the servers live for the whole run. CPU is that of every process
-involved (servers, workers, this one); "cores busy" is CPU seconds over the
-throughput run's wall time (2.0 = both cores of this machine)."""
+Each point (a number of processes per stage, each repeat) gets a fresh
+database and fresh streams; the servers live for the whole run. CPU is that
+of every process involved (servers, workers, this one); "cores busy" is CPU
+seconds over the throughput run's wall time (2.0 = both cores of this
+machine), "others'" the rest of the machine's busy time meanwhile."""
 
 from __future__ import annotations
 
@@ -54,8 +57,9 @@ from esper.infra.embedded import (  # noqa: E402
     start_nats_cluster,
 )
 from esper.infra.ports import free_port, http_ok  # noqa: E402
+from esper.settings import Settings  # noqa: E402
 from esper.workers import passthrough  # noqa: E402
-from esper.workers.runtime import Worker  # noqa: E402
+from esper.workers.runtime import Handler, HandlerContext, Worker  # noqa: E402
 
 STAGES = ("compile", "validate", "deploy")
 
@@ -74,6 +78,20 @@ def blueprint(i: int) -> dict[str, Any]:
         ],
         "outputs": ["out"],
     }
+
+
+def holding_compile(settings: Settings) -> Handler:
+    """The pass-through compile holding each message ``ESPER_BENCH_HOLD_MS`` in
+    its handler, waiting, not computing: a stand-in for the real compile, which
+    waits on its child process (``--compile-hold``)."""
+    inner = passthrough.compile_handler()
+    hold = float(os.environ.get("ESPER_BENCH_HOLD_MS", "0")) / 1000
+
+    async def handle(event: ev.BlueprintSubmitted, ctx: HandlerContext[Any]) -> None:
+        await inner(event, ctx)
+        await asyncio.sleep(hold)
+
+    return handle
 
 
 class ReadyWatch:
@@ -118,6 +136,9 @@ class WorkerProcs:
                 port = free_port()
                 self.ports.append(port)
                 env = {**base, "ESPER_METRICS_PORT": str(port)}
+                if stage == "compile" and args.compile_hold:
+                    cmd += ["--handler", "benchmarks.bench_pipeline:holding_compile"]
+                    env["ESPER_BENCH_HOLD_MS"] = str(args.compile_hold)
                 self.procs[stage].append(subprocess.Popen(cmd, cwd=REPO, env=env))
 
     async def ready(self, timeout: float = 60.0) -> None:
@@ -313,6 +334,7 @@ async def run_point(
             "replicas": topology.replicas,
             "processes_per_stage": processes,
             "nats_sync_always": args.sync_always,
+            "compile_hold_ms": args.compile_hold,
             "events_per_s": round(rate, 1),
             "cpu_ms_per_event": round(cpu_total * 1000 / args.n, 3),
             "cpu_ms_per_event_by_part": {
@@ -404,13 +426,15 @@ def cli() -> argparse.Namespace:
     p.add_argument("--processes", default="1",
                    help="worker processes per stage, a comma list of points (procs mode)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each point")
+    p.add_argument("--compile-hold", type=float, default=0.0, metavar="MS",
+                   help="compile handlers wait MS per message (a compile waiting on its child)")
     p.add_argument("--batch", type=int, help="messages per transaction (stage default)")
     p.add_argument("--concurrency", type=int, help="transactions at once (stage default)")
     p.add_argument("--json", type=Path, help="append each result here as one JSON line")
     args = p.parse_args()
     args.processes = [int(x) for x in args.processes.split(",")]
-    if args.mode == "inproc" and args.processes != [1]:
-        p.error("--mode inproc runs one worker per stage: --processes 1")
+    if args.mode == "inproc" and (args.processes != [1] or args.compile_hold):
+        p.error("--mode inproc runs one pass-through worker per stage: --processes 1, no hold")
     return args
 
 
