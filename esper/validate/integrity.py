@@ -90,7 +90,8 @@ def check_integrity(packed: bytes, public_key: Ed25519PublicKey, expected: Expec
     subject = Subject(ir=ir, factory=factory, module=module, device=device,
                       dtype_name=manifest.dtype, key_map=key_map, policy=policy,
                       batch_sizes=batches, tol=tolerance(manifest.dtype, tf32=tf32),
-                      target=manifest.target, backend=manifest.backend)
+                      target=manifest.target, backend=manifest.backend,
+                      atomic_reductions=bool(manifest.options.get("atomic_reductions")))
     return r.passed(r.INTEGRITY, "signature, digests and manifest verified; loaded by "
                     "load_artifact", digest=digest, files=len(manifest.files),
                     load_ms=round(load_ms, 3), backend_in_use=in_use), subject

@@ -66,6 +66,9 @@ class ValidationPolicy(BaseModel):
     """"require": a kernel that changes the host at its declared init is rejected."""
     determinism_bound: int = 0
     """Elements allowed to differ between two identical runs (0: bit-identical)."""
+    atomic_ulps: float = 4.0
+    """For artifacts that declare atomic reductions: how far (units in the last
+    place of the dtype, at the tensor's largest magnitude) two runs may differ."""
     cuda_on_cpu: Literal["allow", "defer"] = "allow"
     perf_budget: float = 0.10
     """Rejected when kernel latency > (1 + budget) x eager (GPU validators only)."""

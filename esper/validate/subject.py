@@ -40,6 +40,9 @@ class Subject:
     tol: float
     target: str
     backend: str
+    atomic_reductions: bool = False
+    """The artifact declares sums finished with atomics: their order, and so their
+    last bits, may differ run to run (judged by ``check_determinism``'s bound)."""
     _eager: BlueprintModule | None = field(default=None, repr=False)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
 

@@ -408,3 +408,18 @@ def test_a_gpu_validator_checks_device_numerics_speed_and_memory(backend: str) -
     assert perf.bound == pytest.approx(1.10) and perf.details["eager_ms"] > 0
     assert mem is not None and mem.status != "skipped" and mem.details["eager_bytes"] > 0
     assert report.check("coverage").message.startswith("numerics verified on cuda")  # type: ignore[union-attr]
+
+
+def test_atomic_reductions_may_differ_in_last_bits_only() -> None:
+    from esper.validate.checks import _differing, _differing_beyond
+
+    a = torch.linspace(-1, 1, 1000)
+    b = a.clone()
+    b[10] = torch.nextafter(b[10], torch.tensor(2.0))  # one ulp: atomics' reordering
+    assert _differing(a, b) == 1
+    assert _differing_beyond(a, b, 4.0) == 0
+    b[20] += 1e-3  # a real difference
+    assert _differing_beyond(a, b, 4.0) == 1
+    b[30] = float("nan")
+    assert _differing_beyond(a, b, 4.0) == 2
+    assert _differing_beyond(a, None, 4.0) == a.numel()
