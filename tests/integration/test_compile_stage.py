@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.artifacts.signing import ensure_keypair, load_public_key
@@ -25,7 +24,6 @@ from esper.bus.publish import make_submission, publish_event
 from esper.bus.topology import ensure_streams
 from esper.cache import DiskTier
 from esper.compile.pipeline import load_artifact
-from esper.db.engine import create_engine
 from esper.errors import ConfigError
 from esper.stages.compile import CompileHandler, CompileStageConfig
 from esper.stages.compile_subprocess import TEST_FAULTS_ENV
@@ -40,7 +38,6 @@ from tests.integration.runtime_helpers import (
     spawn_worker,
     terminate,
     wait_for,
-    wipe_bus,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -48,17 +45,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")
 Raw = dict[str, Any]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def bus(nats_url: str) -> str:
-    await wipe_bus(nats_url)
-    return nats_url
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture

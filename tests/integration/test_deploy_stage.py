@@ -9,12 +9,10 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
 import pytest
-import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,27 +21,16 @@ from esper.bus import events as ev
 from esper.bus.publish import publish_event, submit_blueprints
 from esper.cache import DurableTier
 from esper.compile.pipeline import compile_blueprint
-from esper.db.engine import create_engine, session_factory
+from esper.db.engine import session_factory
 from esper.db.models import Blueprint, Kernel
 from esper.ir import BlueprintIR, bundled
 from esper.stages.deploy import DeployHandler, serves_target
 from esper.workers import passthrough
-from tests.integration.runtime_helpers import REPO, rows, running_worker, scalar, wait_for, wipe_bus
+from tests.integration.runtime_helpers import REPO, rows, running_worker, scalar, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def bus(nats_url: str) -> str:
-    await wipe_bus(nats_url)
-    return nats_url
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url)
-    yield eng
-    await eng.dispose()
 
 
 async def stream_events(nats_url: str, subject: str) -> list[Any]:

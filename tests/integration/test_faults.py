@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.bus import events as ev
@@ -34,7 +33,6 @@ from tests.integration.runtime_helpers import (
     spawn_worker,
     terminate,
     wait_for,
-    wipe_bus,
 )
 
 pytestmark = [
@@ -44,17 +42,6 @@ pytestmark = [
 ]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def bus(nats_url: str) -> str:
-    await wipe_bus(nats_url)
-    return nats_url
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url)
-    yield eng
-    await eng.dispose()
 
 
 def submissions(n: int, offset: int = 0) -> list[ev.BlueprintSubmitted]:

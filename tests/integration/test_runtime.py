@@ -9,19 +9,16 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats.errors
 import pytest
-import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.bus import events as ev
 from esper.bus.publish import msg_headers, publish_event
 from esper.bus.topology import DeliveryPolicy, Topology, ensure_topology
-from esper.db.engine import create_engine
 from esper.errors import Reject, Retry
 from esper.workers.runtime import HandlerContext
 from tests.integration.runtime_helpers import (
@@ -31,23 +28,11 @@ from tests.integration.runtime_helpers import (
     running_worker,
     scalar,
     wait_for,
-    wipe_bus,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def bus(nats_url: str) -> str:
-    await wipe_bus(nats_url)
-    return nats_url
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url)
-    yield eng
-    await eng.dispose()
 
 
 def compiled(i: int = 0, **kw: Any) -> ev.KernelCompiled:

@@ -5,15 +5,12 @@ blueprints are dead-lettered with the IR's reason."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.bus import events as ev
 from esper.bus.publish import make_submission, publish_event, submit_blueprints
-from esper.db.engine import create_engine
 from esper.errors import IRValidationError, MalformedEvent
 from tests.integration.runtime_helpers import (
     js_client,
@@ -22,23 +19,11 @@ from tests.integration.runtime_helpers import (
     rows,
     scalar,
     wait_for,
-    wipe_bus,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def bus(nats_url: str) -> str:
-    await wipe_bus(nats_url)
-    return nats_url
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url)
-    yield eng
-    await eng.dispose()
 
 
 async def ready_count(engine: AsyncEngine) -> int:

@@ -8,17 +8,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.bus.publish import make_submission
 from esper.bus.topology import Topology, ensure_streams
-from esper.db.engine import create_engine
 from esper.infra.embedded import NatsServer, cluster_urls
 from esper.infra.ports import free_port, http_ok
 from tests.integration.runtime_helpers import (
@@ -73,12 +71,6 @@ class WorkerProc:
                     return sample.value
         return 0.0
 
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture

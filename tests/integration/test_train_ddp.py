@@ -21,11 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.artifacts.signing import load_private_key
 from tests.integration.runtime_helpers import REPO, scalar
-from tests.integration.test_train_e2e import (  # noqa: F401  (bus, engine, home: fixtures)
+from tests.integration.test_train_e2e import (  # noqa: F401  (home: a fixture)
     _announce_artifact,
-    bus,
     eager,
-    engine,
     home,
     small_task,
     training,

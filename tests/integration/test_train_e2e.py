@@ -18,7 +18,6 @@ from typing import Any
 
 import nats
 import pytest
-import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -50,7 +49,6 @@ from tests.integration.runtime_helpers import (
     running_worker,
     scalar,
     wait_for,
-    wipe_bus,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -66,17 +64,6 @@ def eager(**kw: Any) -> PlateauController:
     return PlateauController(**{**base, **kw})
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def bus(nats_url: str) -> str:
-    await wipe_bus(nats_url)
-    return nats_url
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture

@@ -9,12 +9,10 @@ answered from the stored verdict, not validated again."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -24,7 +22,6 @@ from esper.bus.connect import connect
 from esper.bus.publish import publish_event
 from esper.cache import DiskTier, DurableTier
 from esper.compile.pipeline import CompileResult, compile_blueprint
-from esper.db.engine import create_engine
 from esper.ir import BlueprintIR
 from esper.stages.validate import ValidateHandler, ValidateStageConfig
 from esper.validate.policy import ValidationPolicy
@@ -36,7 +33,6 @@ from tests.integration.runtime_helpers import (
     running_worker,
     scalar,
     wait_for,
-    wipe_bus,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
@@ -46,17 +42,6 @@ REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 20.0  # generous: a loaded 2-core machine must not time out a good kernel
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def bus(nats_url: str) -> str:
-    await wipe_bus(nats_url)
-    return nats_url
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url)
-    yield eng
-    await eng.dispose()
 
 
 class Kernels:
