@@ -25,7 +25,6 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -33,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from esper.artifacts.signing import load_public_key
 from esper.kasmina import LIVE_STATES, SeedEvent, SeedState
-from esper.train.catalog import KernelCatalog, device_target
+from esper.train.catalog import KernelCatalog
 from esper.train.controller import Controller, Decision, Observation
 from esper.train.ddp_comm import Comm, state_digest
 from esper.train.ddp_sync import (
@@ -49,7 +48,6 @@ from esper.train.ddp_sync import (
 from esper.train.loop import EventHook, Progress, TrainConfig, Trainer, TrainResult
 from esper.train.run import TrainRun
 from esper.train.task import TeacherStudentTask
-from esper.train.worker import LinkConfig, TrainerLink
 
 log = logging.getLogger(__name__)
 
@@ -342,43 +340,9 @@ class DDPTrainRun:
             verify=self.verify,
         )
         self.stats = trainer.stats
-        link = TrainerLink(
-            LinkConfig(
-                nats_url=base.endpoints.nats_url, database_url=base.endpoints.database_url,
-                public_key=base.public_key, cache_dir=base.home / "artifacts",
-                run_id=config.run_id, target=device_target(task.device),
-            ),
-            link_catalog, trainer.site_schemas, on_kernel=base.on_kernel,
+        link = base.make_link(
+            task, link_catalog, trainer, run_id=config.run_id,
             make_fetcher=functools.partial(ShippingFetcher, shipments=shipments),
         )
-        user_hook = base.on_event
+        return base.train_linked(trainer, link, link_catalog), link_catalog
 
-        def on_event(event: SeedEvent, detail: dict[str, Any]) -> None:
-            link.record(event, detail)
-            if user_hook is not None:
-                user_hook(event, detail)
-
-        trainer.on_event = on_event
-        started = time.monotonic()
-        link.start()
-        try:
-            if not link.wait_replayed(base.replay_timeout):
-                log.warning("kernel history not replayed within %.0fs; training anyway",
-                            base.replay_timeout)
-            if base.wait_for_kernels:
-                _wait_for(link_catalog, trainer, base.wait_for_kernels, base.wait_timeout)
-            base.waited_s = time.monotonic() - started
-            result = trainer.run()
-        finally:
-            link.stop()
-        return result, link_catalog
-
-
-def _wait_for(catalog: KernelCatalog, trainer: Trainer, n: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        keys = {k.cache_key for s in trainer.site_schemas for k in catalog.usable(s)}
-        if len(keys) >= n:
-            return
-        time.sleep(0.05)
-    log.warning("fewer than %d kernels loaded within %.0fs; training anyway", n, timeout)

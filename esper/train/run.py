@@ -57,14 +57,25 @@ class TrainRun:
         catalog = KernelCatalog()
         trainer = Trainer(task, catalog, config=self.config, controller=self.controller,
                           on_eval=self.on_eval)
-        link = TrainerLink(
+        link = self.make_link(task, catalog, trainer, run_id=self.config.run_id)
+        return self.train_linked(trainer, link, catalog), catalog
+
+    def make_link(self, task: TeacherStudentTask, catalog: KernelCatalog, trainer: Trainer,
+                  *, run_id: str, **kw: Any) -> TrainerLink:
+        """The trainer's connection to NATS and PostgreSQL (``kw`` as TrainerLink's)."""
+        return TrainerLink(
             LinkConfig(
                 nats_url=self.endpoints.nats_url, database_url=self.endpoints.database_url,
                 public_key=self.public_key, cache_dir=self.home / "artifacts",
-                run_id=self.config.run_id, target=device_target(task.device),
+                run_id=run_id, target=device_target(task.device),
             ),
-            catalog, trainer.site_schemas, on_kernel=self.on_kernel,
+            catalog, trainer.site_schemas, on_kernel=self.on_kernel, **kw,
         )
+
+    def train_linked(self, trainer: Trainer, link: TrainerLink,
+                     catalog: KernelCatalog) -> TrainResult:
+        """Record seed events through ``link``, replay the kernel history, wait for
+        kernels if asked, then train; the link stops whatever happens."""
         user_hook = self.on_event
 
         def on_event(event: SeedEvent, detail: dict[str, Any]) -> None:
@@ -80,19 +91,19 @@ class TrainRun:
                 log.warning("kernel history not replayed within %.0fs; training anyway",
                             self.replay_timeout)
             if self.wait_for_kernels:
-                self._wait_for(catalog, trainer)
+                wait_for_kernels(catalog, trainer, self.wait_for_kernels, self.wait_timeout)
             self.waited_s = time.monotonic() - started
-            result = trainer.run()
+            return trainer.run()
         finally:
             link.stop()
-        return result, catalog
 
-    def _wait_for(self, catalog: KernelCatalog, trainer: Trainer) -> None:
-        deadline = time.monotonic() + self.wait_timeout
-        while time.monotonic() < deadline:
-            keys = {k.cache_key for s in trainer.site_schemas for k in catalog.usable(s)}
-            if len(keys) >= self.wait_for_kernels:
-                return
-            time.sleep(0.05)
-        log.warning("fewer than %d kernels loaded within %.0fs; training anyway",
-                    self.wait_for_kernels, self.wait_timeout)
+
+def wait_for_kernels(catalog: KernelCatalog, trainer: Trainer, n: int, timeout: float) -> None:
+    """Until ``n`` distinct kernels fit the trainer's sites (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        keys = {k.cache_key for s in trainer.site_schemas for k in catalog.usable(s)}
+        if len(keys) >= n:
+            return
+        time.sleep(0.05)
+    log.warning("fewer than %d kernels loaded within %.0fs; training anyway", n, timeout)
