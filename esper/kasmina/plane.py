@@ -199,7 +199,7 @@ class Kasmina(nn.Module):
         running = self.running()
         if running:
             self.seed_optimizer.zero_grad()
-        rng = _rng_state() if running else None
+        rng = rng_state() if running else None
         loss = closure()
         if running:
             for _ in range(1 + sum(len(layer.state) for layer in self._by_name.values())):
@@ -208,7 +208,7 @@ class Kasmina(nn.Module):
                 if not report.needs_rerun:
                     break
                 # The host saw a culled seed's output: redo the step without it.
-                _set_rng_state(rng)
+                set_rng_state(rng)
                 self.seed_optimizer.zero_grad()
                 for layer in self._by_name.values():
                     layer.drop_records()
@@ -411,12 +411,13 @@ class Kasmina(nn.Module):
             self._loader = None
 
 
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+def rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """CPU (and, once initialised, CUDA) RNG state: a step re-run replays its draws."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None] | None) -> None:
+def set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None] | None) -> None:
     if state is None:
         return
     torch.set_rng_state(state[0])

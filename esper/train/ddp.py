@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from esper.artifacts.signing import load_public_key
 from esper.kasmina import LIVE_STATES, SeedEvent, SeedState
+from esper.kasmina.plane import rng_state, set_rng_state
 from esper.train.catalog import KernelCatalog
 from esper.train.controller import Controller, Decision, Observation
 from esper.train.ddp_comm import Comm, state_digest
@@ -191,7 +192,7 @@ class DDPTrainer(Trainer):
         running = kas.running()  # the same on every rank: the seed states are
         if running:
             kas.seed_optimizer.zero_grad()
-        rng = _rng_state() if running else None
+        rng = rng_state() if running else None
         # The same tensors on every rank, even after a local cull drops a seed.
         params = list(kas.parameters())
         loss = closure()
@@ -209,7 +210,7 @@ class DDPTrainer(Trainer):
             if not running or not self._cull_agreed(flags, mine, step):
                 break
             # Some rank's host saw a culled seed: every rank redoes the step without it.
-            _set_rng_state(rng)
+            set_rng_state(rng)
             kas.seed_optimizer.zero_grad()
             for layer in kas.sites.values():
                 layer.drop_records()
@@ -293,18 +294,6 @@ class DDPTrainer(Trainer):
         self.stats.check_ms.append((time.perf_counter() - t0) * 1e3)
         return digest.hex()
 
-
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None] | None) -> None:
-    if state is None:
-        return
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 # --- one rank's process -----------------------------------------------------------------
