@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import get_gradient_edge
 
 from esper.compile.inputs import resolve_shape
 from esper.triton.runtime import GroupRunner
@@ -235,11 +236,37 @@ Fn = Callable[[list[torch.Tensor], list[torch.Tensor], dict[str, int], bool],
               list[torch.Tensor]]
 
 
+class _Entry(torch.autograd.Function):
+    """Where a subgraph's input enters it: a node that saves nothing. A detached
+    leaf would do, but its AccumulateGrad node holds the leaf, so the subgraph
+    would keep every input alive until backward even when no op saved it (a
+    scale before a softmax kept both T x T score matrices)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g, None
+
+
+_ANCHOR: dict[torch.device, torch.Tensor] = {}
+
+
+def _enter(x: torch.Tensor) -> torch.Tensor:
+    anchor = _ANCHOR.get(x.device)
+    if anchor is None:
+        anchor = _ANCHOR[x.device] = torch.zeros((), device=x.device, requires_grad=True)
+    return _Entry.apply(x.detach(), anchor)  # type: ignore[no-any-return]
+
+
 @dataclass
 class TorchGraphStep(Step):
     """Any torch ops (``fn(inputs, params, symbols, training) -> outputs``): in
     training, a detached autograd subgraph recorded in forward; backward runs
-    ``torch.autograd.grad`` over it."""
+    ``torch.autograd.grad`` over it. The subgraph is kept by its gradient edges
+    only, so it holds exactly what its ops saved, as eager autograd would."""
 
     fn: Fn | None = None
     training: list[bool] = field(default_factory=lambda: [False])  # shared with the module
@@ -252,11 +279,13 @@ class TorchGraphStep(Step):
         if not record:
             outs = self.fn(xs, ps, call.symbols, self.training[0])
         else:
-            lx = [x.detach().requires_grad_(x.dtype.is_floating_point) for x in xs]
-            lp = [p.detach().requires_grad_(True) for p in ps]
             with torch.enable_grad():
+                lx = [_enter(x) if x.dtype.is_floating_point else x for x in xs]
+                lp = [p.detach().requires_grad_(True) for p in ps]
                 outs = self.fn(lx, lp, call.symbols, self.training[0])
-            call.keep[index] = (lx, lp, outs)
+            call.keep[index] = (
+                [get_gradient_edge(t) if t.requires_grad else None for t in lx], lp,
+                [get_gradient_edge(o) if o.requires_grad else None for o in outs])
             outs = [o.detach() for o in outs]
         for s, t in zip(self.outs, outs, strict=True):
             env[s] = t
@@ -264,9 +293,9 @@ class TorchGraphStep(Step):
     def backward(self, call: Call, index: int, gouts: list[Any], grads: Grads) -> None:
         lx, lp, outs = call.keep[index]
         pairs = [(o, g) for o, g in zip(outs, gouts, strict=True)
-                 if g is not None and o.requires_grad]
+                 if g is not None and o is not None]
         want = [(("slot", s), t) for s, t in zip(self.ins, lx, strict=True)
-                if grads.need[s] and t.requires_grad]
+                if grads.need[s] and t is not None]
         want += [(("param", p), t) for p, t in zip(self.pins, lp, strict=True) if grads.pneed[p]]
         if not pairs or not want:
             return

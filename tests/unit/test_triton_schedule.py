@@ -222,3 +222,27 @@ def test_bench_blocks_need_no_generic_steps() -> None:
         prog = module._schedule.program((True,) * (len(module.ir.inputs)
                                                    + len(module._pkeys)))
         assert "_S" not in prog.source, (name, prog.source)
+
+
+def test_a_torch_subgraph_keeps_only_what_its_ops_saved() -> None:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from esper.triton.steps import Call, Grads, TorchGraphStep
+
+    def scale(xs: list[torch.Tensor], ps: list[torch.Tensor], sym: dict[str, int],
+              training: bool) -> list[torch.Tensor]:
+        return [xs[0] * 0.125]
+
+    step = TorchGraphStep(ins=(0,), outs=(1,), fn=scale, training=[True])
+    x = torch.randn(4, 8)
+    storage = StorageWeakRef(x.untyped_storage())
+    call = Call(env=[x, None], params=[], symbols={})
+    step.forward(call, 0, True)
+    y = call.env[1]
+    call.env[0] = None
+    del x
+    assert storage.expired()  # a scale saves nothing: its input must not outlive forward
+    grads = Grads(slots=[None, None], params=[], need=[True, True], pneed=[])
+    g = torch.randn_like(y)
+    step.backward(call, 0, [g], grads)
+    torch.testing.assert_close(grads.slots[0], g * 0.125)
