@@ -396,6 +396,7 @@ def hot_load(shipped: Path, pub: Any) -> dict[str, Any]:
     from esper.triton.backend import TritonBackend
 
     samples = []
+    phases: dict[str, list[float]] = {}
     gen = torch.Generator(device="cuda").manual_seed(2)
     paths = sorted(shipped.glob("*.esper"))
     for rep in range(6):
@@ -405,19 +406,26 @@ def hot_load(shipped: Path, pub: Any) -> dict[str, Any]:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             art = unpack_verified(path.read_bytes(), pub)
+            t1 = time.perf_counter()
             module = TritonBackend(Path(tempfile.mkdtemp())).load(art.manifest, art.files)("cuda")
+            t2 = time.perf_counter()
             xs = [torch.randn([2 if isinstance(d, str) else d for d in i.shape], device="cuda",
                               dtype=module.compute_dtype, generator=gen)
                   for i in module.ir.inputs]
+            t3 = time.perf_counter()
             module(*xs)
             torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) * 1e3
+            t4 = time.perf_counter()
+            dt = (t4 - t0 - (t3 - t2)) * 1e3  # the inputs are the trainer's, not load time
             if rep > 0:  # rep 0 builds/loads Triton's per-signature launcher stubs
                 samples.append(dt)
+                for k, v in (("unpack", t1 - t0), ("load", t2 - t1), ("first_call", t4 - t3)):
+                    phases.setdefault(k, []).append(v * 1e3)
     samples.sort()
     return {"n": len(samples), "p50_ms": statistics.median(samples),
             "p99_ms": samples[min(len(samples) - 1, int(0.99 * len(samples)))],
-            "max_ms": samples[-1]}
+            "max_ms": samples[-1],
+            "phases_p50_ms": {k: statistics.median(v) for k, v in phases.items()}}
 
 
 def summary(info: dict[str, Any]) -> None:
@@ -456,7 +464,7 @@ def summary(info: dict[str, Any]) -> None:
     hl = info.get("hot_load")
     if hl:
         lines.append(f"hot load p50 {hl['p50_ms']:.1f} ms, p99 {hl['p99_ms']:.1f} ms "
-                     f"(n={hl['n']})")
+                     f"(n={hl['n']}); phase p50s (ms): {hl.get('phases_p50_ms')}")
     text = "\n".join(lines)
     print(text)
     out = os.environ.get("OUT")
