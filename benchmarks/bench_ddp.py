@@ -2,6 +2,7 @@
 2 gloo processes, by phase, against one plain process, and what a hot-load costs.
 
     python benchmarks/bench_ddp.py [--steps 400] [--nproc 2] [--verify]
+    python benchmarks/bench_ddp.py --device cuda --batch 4096   # NCCL, one GPU per rank
 
 No services: rank 0's kernel catalog is filled as its link would fill it (a
 signed torch-backend ``residual_mlp`` artifact, verified and loaded), so the
@@ -70,7 +71,7 @@ def kernel_info(home: Path) -> tuple[KernelInfo, bytes]:
     return info, packed
 
 
-def rank_main(home: Path, steps: int, verify: bool) -> None:
+def rank_main(home: Path, steps: int, verify: bool, device: str, batch: int) -> None:
     import torch.distributed as dist
 
     from esper.train.ddp import DDPTrainer
@@ -78,7 +79,7 @@ def rank_main(home: Path, steps: int, verify: bool) -> None:
     from esper.train.ddp_sync import KernelOutbox, Shipment, Shipments
 
     torch.set_num_threads(1)
-    comm = env_comm("cpu")
+    comm = env_comm(device)
     link, ships = KernelCatalog(), Shipments()
     if comm.leader:
         info, packed = kernel_info(home)
@@ -86,7 +87,7 @@ def rank_main(home: Path, steps: int, verify: bool) -> None:
         ships.put(info.cache_key, Shipment(packed=packed))
     pub = load_public_key(public_key_path(default_private_key_path(home)))
     trainer = DDPTrainer(
-        TeacherStudentTask(TaskConfig()), KernelCatalog(), comm,
+        TeacherStudentTask(TaskConfig(batch=batch), device=comm.device), KernelCatalog(), comm,
         config=TrainConfig(steps=steps, eval_every=10, kasmina=KASMINA), controller=controller(),
         public_key=pub, outbox=KernelOutbox(link, ships) if comm.leader else None,
         link_catalog=link if comm.leader else None, verify=verify,
@@ -95,17 +96,19 @@ def rank_main(home: Path, steps: int, verify: bool) -> None:
     result = trainer.run()
     (home / f"rank{comm.rank}.json").write_text(json.dumps({
         "stats": asdict(trainer.stats), "events": [asdict(e) for e in result.events],
+        "wall_ms_per_step": result.wall_s * 1e3 / steps,
     }))
     close_comm()
 
 
-def baseline(steps: int) -> tuple[list[float], list[dict]]:  # type: ignore[type-arg]
+def baseline(steps: int, device: str, batch: int
+             ) -> tuple[list[float], list[dict]]:  # type: ignore[type-arg]
     """One plain process, the same run (same kernel, same growth), no DDP."""
     torch.set_num_threads(1)
     home = Path(os.environ["BENCH_HOME"])
     catalog = KernelCatalog()
     catalog.announce(kernel_info(home)[0])
-    trainer = Trainer(TeacherStudentTask(TaskConfig()), catalog,
+    trainer = Trainer(TeacherStudentTask(TaskConfig(batch=batch), device=device), catalog,
                       config=TrainConfig(steps=steps, eval_every=10, kasmina=KASMINA),
                       controller=controller())
     times: list[float] = []
@@ -141,6 +144,9 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true",
                     help="hash and compare the state after every transition (the end is "
                          "always checked); adds a tiny all-reduce per step, outside the timing")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: NCCL, rank r on GPU r; cpu: gloo")
+    ap.add_argument("--batch", type=int, default=TaskConfig().batch, help="rows per rank")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         home = Path(tmp)
@@ -151,11 +157,11 @@ def main() -> None:
         (home / "kernel.bin").write_bytes(made.packed)
         os.environ["BENCH_HOME"] = str(home)
         load0 = os.getloadavg()[0]
-        base_ms, base_events = baseline(args.steps)
+        base_ms, base_events = baseline(args.steps, args.device, args.batch)
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
              str(args.nproc), __file__, "--rank-main", str(home), str(args.steps),
-             str(int(args.verify))],
+             str(int(args.verify)), args.device, str(args.batch)],
             env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"},
             capture_output=True, text=True, check=False,
         )
@@ -164,7 +170,8 @@ def main() -> None:
         ranks = [json.loads((home / f"rank{r}.json").read_text()) for r in range(args.nproc)]
         load1 = os.getloadavg()[0]
     base = phases(base_ms, base_events)
-    print(f"{len(made.packed)} B artifact; {args.steps} steps, batch {TaskConfig().batch} per "
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine()
+    print(f"{dev}; {len(made.packed)} B artifact; {args.steps} steps, batch {args.batch} per "
           f"rank; load average {load0:.1f} -> {load1:.1f}")
     print(f"{'':24}{'dormant':>10}{'live seed':>11}{'fossil':>10}{'install step':>14}")
     print(f"{'1 process (no DDP)':24}" + "".join(
@@ -182,22 +189,26 @@ def main() -> None:
                            "sync_ms_median": statistics.median(st["sync_ms"][1:]),
                            "hot_load_ms": st["hot_load_ms"],
                            "check_ms_median": statistics.median(st["check_ms"]),
-                           "checks": len(st["checks"])}
+                           "checks": len(st["checks"]),
+                           "wall_ms_per_step": rank["wall_ms_per_step"]}
     for r in range(len(ranks)):
         o = out[f"rank{r}"]
         assert isinstance(o, dict)
         print(f"rank {r}: first sync (kernel shipped + verified + loaded) "
               f"{o['sync_ship_ms']:.2f} ms, later syncs {o['sync_ms_median']:.2f} ms; "
-              f"state check {o['check_ms_median']:.2f} ms x {o['checks']}")
+              f"state check {o['check_ms_median']:.2f} ms x {o['checks']}; whole run "
+              f"{o['wall_ms_per_step']:.2f} ms per step (evaluations and syncs included)")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip()
     print(json.dumps({"bench": "ddp", "date": date.today().isoformat(), "commit": commit,
                       "machine": platform.processor() or platform.machine(),
+                      "device": dev, "batch": args.batch,
                       "torch": torch.__version__, "nproc": args.nproc, **out}))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--rank-main":
-        rank_main(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
+        rank_main(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5],
+                  int(sys.argv[6]))
     else:
         main()
