@@ -175,12 +175,17 @@ class HostProgram:
             e.line(f"{o} = _empty({full}.shape, dtype=_DT, device={full}.device)")
         e.line(f"{go}({_grid(r, 'fwd')}, {', '.join([*args, *outs])}, n)")
 
-    def _group_args(self, e: _Emitter, st: GroupStep) -> list[str]:
+    def _group_args(self, e: _Emitter, st: GroupStep, stand_in: str | None = None
+                    ) -> list[str]:
         """Each group input, made contiguous and 16-byte aligned where it may not be
         (graph inputs, parameters, views); fresh outputs of GEMMs and of our own
-        kernels already are."""
+        kernels already are. In backward, an input that was not saved (the kernel
+        never reads it) gets ``stand_in``'s pointer."""
         out = []
         for j, (kind, k) in enumerate(st.args):
+            if stand_in is not None and kind == "slot" and k not in st.saves:
+                out.append(stand_in)
+                continue
             if kind == "slot" and k in self.fresh:
                 out.append(f"s{k}")
                 continue
@@ -300,8 +305,8 @@ class HostProgram:
         assert r is not None and r.bwd is not None and r.bwd_cfg is not None
         assert r.full_input is not None
         nd = self.needs
-        args = self._group_args(e, st)
         e.line(f"_go = _fix(g{st.outs[0]})")
+        args = self._group_args(e, st, stand_in="_go")
         bwd_inputs = [*args, "_go"]
         full = args[r.full_input]
         e.line(f"n = {full}.numel() // {r.c}")
@@ -329,8 +334,10 @@ class HostProgram:
                 e.line(f"h{j} = 0")
                 extra.append(f"r{j}")
             flags.append(f"h{j}")
-        go = e.const("L", r.bwd.bind(r.bwd_cfg))  # type: ignore[attr-defined]
-        e.line(f"{go}({_grid(r, 'bwd')}, {', '.join([*bwd_inputs, *stored, *extra, *flags])}, n)")
+        if not r.bwd_noop:
+            go = e.const("L", r.bwd.bind(r.bwd_cfg))  # type: ignore[attr-defined]
+            e.line(f"{go}({_grid(r, 'bwd')}, "
+                   f"{', '.join([*bwd_inputs, *stored, *extra, *flags])}, n)")
         for j, (kind, k) in enumerate(st.args):
             if kind == "slot":
                 if not nd.slot[k]:

@@ -111,9 +111,14 @@ class TritonBlueprintModule(BlueprintModule):
                              for i in s.inputs)
                 ins = tuple(i for kind, i in args if kind == "slot")
                 pins = tuple(i for kind, i in args if kind == "param")
+                plain = self._plain_group(s, runner)
+                # a plain group's full inputs have its output's shape: one its backward
+                # does not read is not saved (the grad stands in for its pointer)
+                saves = tuple(i for j, (kind, i) in enumerate(args) if kind == "slot" and (
+                    not plain or j in runner.bwd_used or s.inputs[j].kind != "full"))
                 steps.append(GroupStep(ins=ins, outs=tuple(slot(o.value) for o in s.outputs),
-                                       pins=pins, saves=ins, runner=runner, args=args,
-                                       plain=self._plain_group(s, runner)))
+                                       pins=pins, saves=saves, runner=runner, args=args,
+                                       plain=plain))
         return Schedule(steps, len(slots), [slots[v] for v in self.plan.inputs],
                         [slot(v) for v in self.plan.outputs], len(self._pkeys),
                         dtype=self.compute_dtype)

@@ -64,6 +64,18 @@ def aliases(prog: TileProgram) -> dict[int, tuple[str, int]]:
     return out
 
 
+def _loaded(prog: TileProgram) -> set[int]:
+    """Inputs that some output of ``prog`` depends on (aliased outputs included)."""
+    need = [False] * len(prog.vals)
+    for _, vid in prog.outputs:
+        need[vid] = True
+    for i in range(len(prog.vals) - 1, -1, -1):
+        if need[i]:
+            for a in prog.vals[i].args:
+                need[a] = True
+    return {v.attr for i, v in enumerate(prog.vals) if need[i] and v.op == "load"}
+
+
 def stored(prog: TileProgram) -> TileProgram:
     """``prog`` without its aliased outputs: what the kernel actually computes."""
     skip = aliases(prog)
@@ -134,6 +146,11 @@ class GroupRunner:
                 if a is None and kind in ("col", "scalar"):
                     self.n_partial += 1
         self.acc = tuple(step.bwd_acc)
+        # forward inputs the backward reads: the rest need not be saved for it
+        self.bwd_used = frozenset(_loaded(step.bwd)) if step.bwd is not None else frozenset()
+        # every grad is an input passed through (a residual add): nothing to launch
+        self.bwd_noop = (step.bwd is not None and not stored(step.bwd).outputs
+                         and not self.acc)
         self._ws: dict[torch.device, list[torch.Tensor]] = {}
 
     def _workspace(self, dev: torch.device) -> list[torch.Tensor]:
@@ -220,6 +237,8 @@ class GroupRunner:
             t = torch.empty_like(ins[len(results)])
             results.append(t)
             kernel_outs.append(t)
+        if self.bwd_noop:
+            return results
         if self.n_partial:
             kernel_outs.extend(self._workspace(dev))
         if self.acc:

@@ -214,6 +214,8 @@ class GroupStep(Step):
     def backward(self, call: Call, index: int, gouts: list[Any], grads: Grads) -> None:
         assert self.runner is not None
         inputs = self._inputs(call)
+        if self.plain:  # inputs not saved (the backward never reads them): the grad's shape
+            inputs = [gouts[0] if t is None else t for t in inputs]
         prev: dict[int, torch.Tensor] = {}
         for j in self.runner.acc:  # the kernel adds the grad already there (one pass)
             g = grads.slots[self.args[j][1]]

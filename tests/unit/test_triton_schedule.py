@@ -52,6 +52,13 @@ SHARED = _ir([_x("x", ["B", 12])], [
     {"id": "out", "op": "add", "inputs": ["z", "x"]}], ["out"])
 
 
+# relu(x @ w) + x: the add's backward reads nothing, relu's only h; x is not saved
+RESIDUAL_RELU = _ir([_x("x", ["B", 8]), _x("w", [8, 8])], [
+    {"id": "h", "op": "matmul", "inputs": ["x", "w"]},
+    {"id": "r", "op": "relu", "inputs": ["h"]},
+    {"id": "out", "op": "add", "inputs": ["x", "r"]}], ["out"])
+
+
 @pytest.mark.usefixtures("interpret")
 def test_torch_steps_of_every_kind_match_float64() -> None:
     factory, files = compile_and_load(TORCH_STEPS)
@@ -182,7 +189,8 @@ def _outputs_and_grads(module: Any, xs: list[torch.Tensor], gouts: list[torch.Te
 
 
 @pytest.mark.usefixtures("interpret")
-@pytest.mark.parametrize("ir", [TORCH_STEPS, SHARED], ids=["torch_steps", "shared"])
+@pytest.mark.parametrize("ir", [TORCH_STEPS, SHARED, RESIDUAL_RELU],
+                         ids=["torch_steps", "shared", "residual_relu"])
 def test_generated_host_code_matches_the_step_objects(ir: BlueprintIR) -> None:
     """Two implementations of one backward: the generated straight-line host code
     and the step objects walked generically must agree to the last bit or so."""
@@ -246,3 +254,26 @@ def test_a_torch_subgraph_keeps_only_what_its_ops_saved() -> None:
     g = torch.randn_like(y)
     step.backward(call, 0, [g], grads)
     torch.testing.assert_close(grads.slots[0], g * 0.125)
+
+
+@pytest.mark.usefixtures("interpret")
+def test_a_group_saves_only_what_its_backward_reads() -> None:
+    from esper.triton.steps import GroupStep
+
+    factory, _ = compile_and_load(RESIDUAL_RELU)
+    module = factory("cpu")
+    sched = module._schedule
+    groups = [st for st in sched.steps if isinstance(st, GroupStep)]
+    assert groups and all(st.plain for st in groups)
+    # relu(h) + x: the backward recomputes relu from h and never reads x
+    (group,) = groups
+    assert group.saves == (sched.steps[0].outs[0],)
+    check_against_float64(module)
+    residual = _ir([_x("x", ["B", 8]), _x("w", [8, 8])], [
+        {"id": "h", "op": "matmul", "inputs": ["x", "w"]},
+        {"id": "out", "op": "add", "inputs": ["x", "h"]}], ["out"])
+    module = compile_and_load(residual)[0]("cpu")
+    (group,) = [st for st in module._schedule.steps if isinstance(st, GroupStep)]
+    # a residual add's grads are the incoming grad: nothing saved, nothing launched
+    assert group.saves == () and group.runner is not None and group.runner.bwd_noop
+    check_against_float64(module)
