@@ -177,6 +177,22 @@ def host_ms(fn: Any, n: int = 20) -> float:
     return statistics.median(times)
 
 
+def loop_ms(fn: Any, n: int = 100, rounds: int = 5) -> float:
+    """A training loop's view: ``n`` steps back to back, one sync at the end (the
+    host and the GPU overlap as they would in a trainer), median of ``rounds``."""
+    import torch
+
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / n * 1e3)
+    return statistics.median(times)
+
+
 def host_costs(shipped: Path, pub: Any) -> dict[str, float]:
     """What one op costs the host on this machine (microseconds, tiny tensors):
     the cost model behind the host-bound rows."""
@@ -312,6 +328,8 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
             row["rel_err_vs_eager"] = float((y.float() - ye.float()).norm() / ye.float().norm())
             row["eager_ms"] = _bench(lambda ref=ref: step(ref))
             row["esper_ms"] = _bench(lambda esper=esper: step(esper))
+            row["eager_loop_ms"] = loop_ms(lambda ref=ref: step(ref))
+            row["esper_loop_ms"] = loop_ms(lambda esper=esper: step(esper))
             row["eager_host_ms"] = host_ms(lambda ref=ref: step(ref))
             row["esper_host_ms"] = host_ms(lambda esper=esper: step(esper))
             try:
@@ -324,6 +342,7 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                 torch.cuda.synchronize()
                 row["compile_first_step_s"] = time.perf_counter() - t0
                 row["torch_compile_ms"] = _bench(lambda comp=comp: step(comp))
+                row["compile_loop_ms"] = loop_ms(lambda comp=comp: step(comp))
             except Exception as exc:  # record, keep going
                 row["torch_compile_error"] = repr(exc)[:300]
             if tune:
@@ -461,6 +480,21 @@ def summary(info: dict[str, Any]) -> None:
     if spg:
         geog = math.exp(sum(map(math.log, spg)) / len(spg))
         lines.append(f"geomean with CUDA graphs on both sides: x eager {geog:.2f} (n={len(spg)})")
+    lp = [(k, r) for k, r in rows.items() if "esper_loop_ms" in r]
+    if lp:
+        lines.append("training-loop view (100 steps back to back, one sync), ms/step: "
+                     "| case | eager | torch.compile | Esper | x eager | x compile |")
+        for k, r in lp:
+            lines.append(f"| {k} | {r['eager_loop_ms']:.3f} | "
+                         f"{r.get('compile_loop_ms', math.nan):.3f} | {r['esper_loop_ms']:.3f} | "
+                         f"{r['eager_loop_ms'] / r['esper_loop_ms']:.2f} | "
+                         f"{r.get('compile_loop_ms', math.nan) / r['esper_loop_ms']:.2f} |")
+        sl = [r["eager_loop_ms"] / r["esper_loop_ms"] for _, r in lp]
+        slc = [r["compile_loop_ms"] / r["esper_loop_ms"] for _, r in lp if "compile_loop_ms" in r]
+        lines.append(f"loop geomean x eager {math.exp(sum(map(math.log, sl)) / len(sl)):.2f}, "
+                     f"x torch.compile {math.exp(sum(map(math.log, slc)) / max(1, len(slc))):.2f}"
+                     f"; rows >3% slower than eager: "
+                     f"{[k for k, r in lp if r['eager_loop_ms'] / r['esper_loop_ms'] < 0.97]}")
     hl = info.get("hot_load")
     if hl:
         lines.append(f"hot load p50 {hl['p50_ms']:.1f} ms, p99 {hl['p99_ms']:.1f} ms "
@@ -483,6 +517,7 @@ def profile(shipped: Path, out: Path, cases: list[str]) -> None:
     from esper.compile.reference import build_module
     from esper.triton.backend import TritonBackend
 
+    torch.backends.cudnn.benchmark = True  # as in ``run``
     pub = load_public_key(shipped / "pub.pem")
     lines = []
     for key in cases:
@@ -512,13 +547,34 @@ def profile(shipped: Path, out: Path, cases: list[str]) -> None:
             cpu = (time.perf_counter() - t0) / 20 * 1e3
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / 20 * 1e3
+            # host time of each half on an idle GPU: which half costs the host
+            fwd_us, bwd_us = [], []
+            for _ in range(50):
+                for x in xs:
+                    x.grad = None
+                for p in m.parameters():
+                    p.grad = None
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                y = m(*xs)
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                y.backward(g)
+                t3 = time.perf_counter()
+                torch.cuda.synchronize()
+                fwd_us.append((t1 - t0) * 1e6)
+                bwd_us.append((t3 - t2) * 1e6)
             with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     step(m)
                 torch.cuda.synchronize()
+            prof.export_chrome_trace(str(out / f"trace-{key}-{label}.json"))
             avg = prof.key_averages()
             lines.append(f"== {key} {label}: cpu enqueue {cpu:.3f} ms/step, "
-                         f"wall {wall:.3f} ms/step")
+                         f"wall {wall:.3f} ms/step; idle-GPU host time: forward "
+                         f"{statistics.median(fwd_us):.0f} us, backward "
+                         f"{statistics.median(bwd_us):.0f} us")
             lines.append(avg.table(sort_by="cuda_time_total", row_limit=10))
             lines.append(avg.table(sort_by="self_cpu_time_total", row_limit=12))
     text = "\n".join(lines)
