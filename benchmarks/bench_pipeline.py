@@ -355,8 +355,21 @@ async def run_point(
         if n_latency:
             await asyncio.sleep(1.0)
             print(f"latency: {args.rate:.0f} blueprints/s for {args.seconds:.0f}s")
+            before = {k: part(k) for k in parts}
+            machine0, t0 = machine_busy(), time.perf_counter()
             lat, offered = await latency(js, watch, rest[args.n:], args.rate)
+            wall = time.perf_counter() - t0
+            spent = {k: part(k) - before[k] for k in parts}
+            machine = machine_busy() - machine0
+            cpu_total = sum(spent.values())
             result |= {
+                # CPU at the offered rate: little batching, so more per event.
+                "latency_cpu_ms_per_event": round(cpu_total * 1000 / n_latency, 3),
+                "latency_cpu_ms_per_event_by_part": {
+                    k: round(v * 1000 / n_latency, 3) for k, v in spent.items()
+                },
+                "latency_cores_busy": round(cpu_total / wall, 2),
+                "latency_others_cores_busy": round(max(0.0, machine - cpu_total) / wall, 2),
                 "latency_rate_offered": round(offered, 1),
                 "latency_ms_p50": round(pct(lat, 0.50), 2),
                 "latency_ms_p99": round(pct(lat, 0.99), 2),
@@ -364,6 +377,12 @@ async def run_point(
                 "latency_ms_mean": round(statistics.fmean(lat), 2),
                 "n_latency": len(lat),
             }
+            print(f"  => p50 {result['latency_ms_p50']:.1f} / p99 {result['latency_ms_p99']:.1f} / "
+                  f"max {result['latency_ms_max']:.1f} ms at {offered:.0f}/s; "
+                  f"{result['latency_cpu_ms_per_event']:.2f} CPU-ms per event "
+                  f"{result['latency_cpu_ms_per_event_by_part']}; cores busy: "
+                  f"{result['latency_cores_busy']} ours, "
+                  f"{result['latency_others_cores_busy']} others'")
         return result
     finally:
         if isinstance(handle, WorkerProcs):
