@@ -202,7 +202,8 @@ class HostProgram:
         e.lines.append(f"def backward(ctx, {', '.join(gos)}):")
         saved = [f"s{s}" for s in nd.saved]
         prm = [f"p{i}" for i in range(sc.n_params)]
-        e.line(f"{', '.join([*saved, *prm])}{',' if saved or prm else ''} = ctx.saved_tensors")
+        if saved or prm:  # a residual add's backward may need nothing saved at all
+            e.line(f"{', '.join([*saved, *prm])}, = ctx.saved_tensors")
         e.line("sym = ctx.sym")
         shapes = self._reshapes()
         if shapes:
