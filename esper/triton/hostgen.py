@@ -13,6 +13,7 @@ step object, which stays the reference implementation."""
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -228,7 +229,13 @@ class HostProgram:
             cond = " or ".join(f"g{s} is not None" for s in st.outs)
             e.line(f"if {cond}:")
             e.ind += 1
+            start = len(e.lines)
             self._bwd_step(e, i, st)
+            temps = _temporaries(e.lines[start:])
+            if temps:
+                # a temporary left bound keeps a grad or an activation alive into the
+                # next steps: eager autograd frees it here, so must we (peak memory)
+                e.line(f"{' = '.join(temps)} = None")
             e.ind -= 1
             for s in st.outs:
                 e.line(f"g{s} = None")
@@ -381,6 +388,22 @@ class HostProgram:
                 e.ind += 1
                 self._add(e, f"q{k}", f"_qs[{k}]")
                 e.ind -= 1
+
+
+_TEMP = re.compile(r"^\s*((?:_|[arh]\d)\w*(?:\s*,\s*(?:_|[arh]\d)\w*)*)\s*,?\s*=[^=]")
+
+
+def _temporaries(lines: list[str]) -> list[str]:
+    """Names a backward step binds for itself (``_v``, ``_go``, ``r0``, ``a1``...)."""
+    out: list[str] = []
+    for line in lines:
+        m = _TEMP.match(line)
+        if m:
+            for raw in m.group(1).split(","):
+                name = raw.strip()
+                if name and name not in out:
+                    out.append(name)
+    return out
 
 
 def _inline(st: Step) -> bool:
