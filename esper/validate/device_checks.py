@@ -76,13 +76,16 @@ def _perf_data(s: Subject) -> tuple[int, list[T], list[T]]:
     return batch, xs, cots
 
 
-def _ratio(s: Subject, kernel: _Step, eager: _Step,
-           ) -> tuple[float, float, float]:
-    """(kernel ms, eager ms, ratio): medians over rounds; each round times
-    ``perf_inner`` consecutive steps of each, in alternating order."""
+def _ratio(s: Subject, kernel: _Step, eager: _Step, rounds: int,
+           ) -> tuple[float, float, float, dict[str, float]]:
+    """(kernel ms, eager ms, ratio, medians): each round times ``perf_inner``
+    consecutive steps of each, in alternating order; a side's figure is its best
+    round. Noise on a shared host only ever adds time, so the best round is the
+    estimate that two modules doing the same work agree on (by the median, the
+    torch backend, eager's own ops, once measured x1.11 of eager on an H200)."""
     times: dict[str, list[float]] = {"kernel": [], "eager": []}
     inner = s.policy.perf_inner
-    for k in range(s.policy.perf_iters):
+    for k in range(rounds):
         pair = [("kernel", kernel), ("eager", eager)]
         for name, fn in pair if k % 2 == 0 else pair[::-1]:
             start = torch.cuda.Event(enable_timing=True)
@@ -93,8 +96,10 @@ def _ratio(s: Subject, kernel: _Step, eager: _Step,
             end.record()
             end.synchronize()
             times[name].append(start.elapsed_time(end) / inner)
-    k_ms, e_ms = statistics.median(times["kernel"]), statistics.median(times["eager"])
-    return k_ms, e_ms, (k_ms / e_ms if e_ms > 0 else float("inf"))
+    k_ms, e_ms = min(times["kernel"]), min(times["eager"])
+    medians = {"kernel_median_ms": statistics.median(times["kernel"]),
+               "eager_median_ms": statistics.median(times["eager"])}
+    return k_ms, e_ms, (k_ms / e_ms if e_ms > 0 else float("inf")), medians
 
 
 def check_performance(s: Subject) -> r.CheckRecord:
@@ -111,16 +116,18 @@ def check_performance(s: Subject) -> r.CheckRecord:
         eager()
     torch.cuda.synchronize(s.device)
     bound = 1.0 + s.policy.perf_budget
-    k_ms, e_ms, ratio = _ratio(s, kernel, eager)
+    rounds = s.policy.perf_iters
+    k_ms, e_ms, ratio, medians = _ratio(s, kernel, eager, rounds)
     measured = [ratio]
-    if ratio > bound:
-        k2, e2, ratio2 = _ratio(s, kernel, eager)
+    if ratio > bound:  # once more, twice as long: the better measurement counts
+        rounds *= 2
+        k2, e2, ratio2, med2 = _ratio(s, kernel, eager, rounds)
         measured.append(ratio2)
         if ratio2 < ratio:
-            k_ms, e_ms, ratio = k2, e2, ratio2
+            k_ms, e_ms, ratio, medians = k2, e2, ratio2, med2
     details = {"kernel_ms": k_ms, "eager_ms": e_ms, "batch": batch, "measured": measured,
-               "rounds": s.policy.perf_iters, "steps_per_round": s.policy.perf_inner,
-               "over_budget": "reject"}
+               "rounds": rounds, "steps_per_round": s.policy.perf_inner,
+               "estimator": "best round", **medians, "over_budget": "reject"}
     msg = (f"fwd+bwd {k_ms:.3f} ms vs eager {e_ms:.3f} ms (x{ratio:.3f}) at batch {batch}; "
            f"budget x{bound:.2f}")
     if ratio > bound:

@@ -77,7 +77,8 @@ class ValidationPolicy(BaseModel):
     perf_symbol_size: int = 16
     perf_warmup: int = 2
     perf_iters: int = 8
-    """Timed rounds per measurement; each times ``perf_inner`` steps of both."""
+    """Timed rounds per measurement; each times ``perf_inner`` steps of both, and
+    each side is judged by its best round (host noise only adds time)."""
     perf_inner: int = 4
     memory_budget: float = 1.5
     """Rejected when peak fwd+bwd memory > budget x eager's (+ slack) (GPU only)."""
