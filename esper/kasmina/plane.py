@@ -274,9 +274,11 @@ class Kasmina(nn.Module):
 
     # --- the step boundary ------------------------------------------------------------
 
-    def step_boundary(self, step: int) -> None:
+    def step_boundary(self, step: int, *, install: bool = True) -> None:
         """Apply what waits for a boundary: fault culls, finished loads, offers, the
-        schedule. Never waits for a load. Cheap when every seed is dormant."""
+        schedule. Never waits for a load. Cheap when every seed is dormant.
+        ``install=False`` leaves finished loads for a later boundary (replicas that
+        must install together hold them until every one has its build)."""
         if not self._checked and self.running():
             self.check_faults(step)
         self._checked = False
@@ -292,7 +294,8 @@ class Kasmina(nn.Module):
                 slot.steps += 1
                 counting = True
                 if slot.state is S.GERMINATED:
-                    self._finish_load(layer, k, step)
+                    if install:
+                        self._finish_load(layer, k, step)
                 elif slot.state is S.TRAINING and cfg.train_steps is not None:
                     if slot.steps >= cfg.train_steps:
                         self._move(layer, k, S.GRAFTING, step, f"trained {slot.steps} steps")
@@ -360,6 +363,11 @@ class Kasmina(nn.Module):
         module.train()
         layer.install(seed, module)
         self.seed_optimizer.add((layer.name, seed), module.parameters())
+
+    def loads_done(self) -> bool:
+        """Every pending build has finished (built or failed): the next boundary
+        installs (or culls) them all."""
+        return all(f.done() for f in self._loading.values())
 
     def wait_for_loads(self, timeout: float | None = None) -> None:
         """Block until every pending load is done (tests, resume; not the training loop)."""

@@ -10,9 +10,10 @@ or per CPU process with gloo) where every rank hot-loads and grows in lockstep.
   rank applies it at the same step boundary.
 - Whatever a rank could decide alone is agreed: fault culls (an all-reduced flag
   per seed slot, and whether the step must re-run without the culled seeds), a
-  failed kernel build (the boundary that installs kernels waits for their builds
-  on every rank, then agrees its culls), and a new seed's random init (broadcast
-  from rank 0 when it is installed).
+  failed kernel build (kernels are installed at the first boundary where every
+  rank's build has finished, agreed by an all-reduced flag, then its culls are
+  agreed), and a new seed's random init (broadcast from rank 0 when it is
+  installed).
 - ``verify``: after every step with a transition, all ranks hash their whole model
   state (host + seeds + seed slots) and all-gather the digests; a mismatch raises
   ``ReplicaDivergenceError``. The end of training is always checked."""
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from esper.artifacts.signing import load_public_key
@@ -87,7 +89,7 @@ class DDPStats:
     checks: list[tuple[int, str]] = field(default_factory=list)
     """(step, state digest) at every cross-rank check, all ranks' digests equal."""
     hot_load_ms: list[float] = field(default_factory=list)
-    """Steps whose boundary installed a kernel (waits for builds, broadcasts inits)."""
+    """Steps whose boundary installed a kernel (agrees builds done, broadcasts inits)."""
     sync_ms: list[float] = field(default_factory=list)
     """Each evaluation's broadcast and apply, kernels loaded included."""
     step_ms: list[float] = field(default_factory=list)
@@ -127,7 +129,8 @@ class DDPTrainer(Trainer):
         if self.held is not None:
             self.controller = self.held
         cuda = task.device.type == "cuda"
-        self.net = DistributedDataParallel(self.host, device_ids=[task.device] if cuda else None)
+        self.net: nn.Module = DistributedDataParallel(
+            self.host, device_ids=[task.device] if cuda else None)
         self.slots: list[SlotKey] = [
             (name, k) for name, layer in self.kasmina.sites.items() for k in range(len(layer.state))
         ]
@@ -176,6 +179,9 @@ class DDPTrainer(Trainer):
         finally:
             self.result.wall_s = time.perf_counter() - started
             self.kasmina.close()
+            # Drop the DDP wrapper now: a reducer still alive when the process group
+            # is destroyed can abort the process at exit (seen with gloo).
+            self.net = self.host
         self.result.params_final = self.params_in_use()
         if step_s:
             self.result.step_ms_median = statistics.median(step_s) * 1e3
@@ -218,10 +224,12 @@ class DDPTrainer(Trainer):
         self.optimizer.step()
         kas.seed_optimizer.step()
         loading = any(kas.state_of(site, k) is S.GERMINATED for site, k in self.slots)
-        if loading:
-            kas.wait_for_loads()  # so every rank installs at this very boundary
+        # Install at the first boundary where every rank's build is done, all ranks
+        # together. Waiting for the build instead stalled the step ~180 ms on GPUs
+        # (the loader thread's first CUDA work), every rank idle meanwhile.
+        ready = comm.agree([kas.loads_done()], any_rank=False)[0] if loading else True
         before = len(self._step_events)
-        kas.step_boundary(step)
+        kas.step_boundary(step, install=ready)
         if not loading:
             return loss, False
         moved = self._step_events[before:]

@@ -157,8 +157,22 @@ FAULT_AFTER = 36
 
 
 def _trainer_worker(rank: int, world: int, store: str, out: str) -> None:
-    """One rank of a grown run whose kernel faults on rank 1 only (no services: rank
-    0's catalog is filled as its link would fill it, with a pass-through kernel)."""
+    """One rank of a grown run whose kernel faults on rank 1 only."""
+    _grown_run(rank, world, store, out, "fault")
+
+
+def _slow_build_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of a grown run whose kernel takes rank 1 longer to build."""
+    _grown_run(rank, world, store, out, "slow")
+
+
+def _grown_run(rank: int, world: int, store: str, out: str, twist: str) -> None:
+    """One rank of a grown run (no services: rank 0's catalog is filled as its link
+    would fill it, with a pass-through kernel); ``twist`` on rank 1 only: "fault"
+    (its copy of the kernel goes NaN) or "slow" (its build takes 0.1 s: tens of
+    steps, so that run is 400 steps long)."""
+    import time
+
     import torch
     import torch.distributed as dist
 
@@ -188,8 +202,14 @@ def _trainer_worker(rank: int, world: int, store: str, out: str) -> None:
             return module
         return make
 
-    if rank == 1:  # this rank's copy of the kernel goes bad; rank 0's never does
-        sync.reference_factory = faulty
+    def slow(ir: dict, dtype: str):  # type: ignore[no-untyped-def,type-arg]
+        def make(device):  # type: ignore[no-untyped-def]
+            time.sleep(0.1)  # on the loader thread: training steps go on meanwhile
+            return reference(ir, dtype)(device)
+        return make
+
+    if rank == 1:  # only this rank's copy of the kernel is odd
+        sync.reference_factory = faulty if twist == "fault" else slow
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     comm = Comm(rank, world, torch.device("cpu"))
@@ -205,8 +225,10 @@ def _trainer_worker(rank: int, world: int, store: str, out: str) -> None:
         shipments.put("ab" * 32, sync.Shipment(ir=ir))
     trainer = DDPTrainer(
         TeacherStudentTask(TaskConfig(batch=64, val_size=256)), KernelCatalog(), comm,
-        config=TrainConfig(steps=110, eval_every=10, kasmina=KasminaConfig(
-            train_steps=30, graft_steps=20, stabilize_steps=None, embargo_steps=50)),
+        config=TrainConfig(
+            steps=110 if twist == "fault" else 400, eval_every=10,
+            kasmina=KasminaConfig(train_steps=30, graft_steps=20, stabilize_steps=None,
+                                  embargo_steps=50)),
         controller=PlateauController(warmup_steps=40, patience=1, min_improvement=10.0,
                                      max_germinations=1),
         outbox=sync.KernelOutbox(link, shipments) if rank == 0 else None,
@@ -232,3 +254,16 @@ def test_a_fault_seen_on_one_rank_culls_the_seed_on_every_rank(tmp_path: Path) -
     assert r0["checks"] == r1["checks"]
     assert [c[0] for c in r0["checks"]] == [e[0] for e in r0["events"]] + [109]
     assert r0["val"] == r1["val"]
+
+
+@pytest.mark.slow
+def test_a_build_slower_on_one_rank_is_installed_by_every_rank_at_one_step(
+        tmp_path: Path) -> None:
+    """No rank waits for a build: every rank installs at the first boundary where
+    all builds are done (rank 1's takes 0.1 s, many steps), and the replicas stay
+    bit-identical."""
+    r0, r1 = _two_ranks(tmp_path, "_slow_build_worker")
+    assert [e[:4] for e in r0["events"]] == [e[:4] for e in r1["events"]]
+    at = {e[3]: e[0] for e in r0["events"]}
+    assert at["training"] > at["germinated"] + 1  # the steps went on while rank 1 built
+    assert r0["checks"] == r1["checks"] and r0["val"] == r1["val"]
