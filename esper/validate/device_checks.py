@@ -103,9 +103,11 @@ def _ratio(s: Subject, kernel: _Step, eager: _Step, rounds: int,
 
 
 def check_performance(s: Subject) -> r.CheckRecord:
-    """Median fwd+bwd latency, kernel / eager, on one GPU. Over budget on a first
-    measurement, it is measured again and the better ratio counts: one noisy
-    measurement never rejects a kernel."""
+    """Fwd+bwd latency, kernel / eager, on one GPU (each side's best round). Over
+    budget, it is measured again, up to twice, each time over twice the rounds, and
+    the best ratio counts: a kernel is rejected only when every measurement is over
+    budget (on a shared host, the torch backend — eager's own ops — measured
+    x1.11 and x1.24 of eager in single measurements on H200s)."""
     if s.device.type != "cuda":
         return r.skipped(r.PERFORMANCE, "not measured: performance is checked on GPU "
                          "validators only")
@@ -119,7 +121,9 @@ def check_performance(s: Subject) -> r.CheckRecord:
     rounds = s.policy.perf_iters
     k_ms, e_ms, ratio, medians = _ratio(s, kernel, eager, rounds)
     measured = [ratio]
-    if ratio > bound:  # once more, twice as long: the better measurement counts
+    for _ in range(2):  # over budget: again, each time twice as long; the best counts
+        if ratio <= bound:
+            break
         rounds *= 2
         k2, e2, ratio2, med2 = _ratio(s, kernel, eager, rounds)
         measured.append(ratio2)
