@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,8 @@ class WorkerProcs:
                     cmd += ["--batch", str(args.batch)]
                 if args.concurrency:
                     cmd += ["--concurrency", str(args.concurrency)]
+                if args.linger_ms is not None:
+                    cmd += ["--linger-ms", str(args.linger_ms)]
                 port = free_port()
                 self.ports.append(port)
                 env = {**base, "ESPER_METRICS_PORT": str(port)}
@@ -153,6 +156,22 @@ class WorkerProcs:
 
     def pids(self, stage: str) -> list[int]:
         return [p.pid for p in self.procs[stage]]
+
+    def counters(self) -> dict[str, tuple[float, float]]:
+        """Per stage: (messages processed, transactions committed) so far."""
+        out: dict[str, tuple[float, float]] = {}
+        stages = [s for s in STAGES for _ in self.procs[s]]
+        for stage, port in zip(stages, self.ports, strict=True):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            got = {"esper_worker_processed_total": 0.0, "esper_worker_transactions_total": 0.0}
+            for line in text.decode().splitlines():
+                name = line.split("{")[0]
+                if name in got:
+                    got[name] += float(line.rsplit(" ", 1)[1])
+            m, t = out.get(stage, (0.0, 0.0))
+            out[stage] = (m + got["esper_worker_processed_total"],
+                          t + got["esper_worker_transactions_total"])
+        return out
 
     def stop(self) -> None:
         every = [p for ps in self.procs.values() for p in ps]
@@ -356,6 +375,8 @@ async def run_point(
             await asyncio.sleep(1.0)
             print(f"latency: {args.rate:.0f} blueprints/s for {args.seconds:.0f}s")
             before = {k: part(k) for k in parts}
+            counts0 = await asyncio.to_thread(handle.counters) if isinstance(
+                handle, WorkerProcs) else {}
             machine0, t0 = machine_busy(), time.perf_counter()
             lat, offered = await latency(js, watch, rest[args.n:], args.rate)
             wall = time.perf_counter() - t0
@@ -377,12 +398,20 @@ async def run_point(
                 "latency_ms_mean": round(statistics.fmean(lat), 2),
                 "n_latency": len(lat),
             }
+            if counts0:
+                counts1 = await asyncio.to_thread(handle.counters)  # type: ignore[union-attr]
+                result["latency_msgs_per_txn"] = {
+                    s: round((counts1[s][0] - counts0[s][0])
+                             / max(1.0, counts1[s][1] - counts0[s][1]), 2)
+                    for s in STAGES
+                }
             print(f"  => p50 {result['latency_ms_p50']:.1f} / p99 {result['latency_ms_p99']:.1f} / "
                   f"max {result['latency_ms_max']:.1f} ms at {offered:.0f}/s; "
                   f"{result['latency_cpu_ms_per_event']:.2f} CPU-ms per event "
                   f"{result['latency_cpu_ms_per_event_by_part']}; cores busy: "
                   f"{result['latency_cores_busy']} ours, "
-                  f"{result['latency_others_cores_busy']} others'")
+                  f"{result['latency_others_cores_busy']} others'; messages per transaction: "
+                  f"{result.get('latency_msgs_per_txn')}")
         return result
     finally:
         if isinstance(handle, WorkerProcs):
@@ -449,6 +478,9 @@ def cli() -> argparse.Namespace:
                    help="compile handlers wait MS per message (a compile waiting on its child)")
     p.add_argument("--batch", type=int, help="messages per transaction (stage default)")
     p.add_argument("--concurrency", type=int, help="transactions at once (stage default)")
+    p.add_argument("--linger-ms", type=float,
+                   help="workers wait this long for more messages per transaction (default: "
+                        "the runtime's)")
     p.add_argument("--json", type=Path, help="append each result here as one JSON line")
     args = p.parse_args()
     args.processes = [int(x) for x in args.processes.split(",")]

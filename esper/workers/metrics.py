@@ -34,6 +34,10 @@ class WorkerMetrics:
         self._processed = Counter(
             "esper_worker_processed", "Messages handled and committed", ["stage"], registry=r
         )
+        self._transactions = Counter(
+            "esper_worker_transactions", "Transactions committed (messages share one per group)",
+            ["stage"], registry=r,
+        )
         self._duplicates = Counter(
             "esper_worker_duplicates", "Redeliveries skipped by the inbox", ["stage"], registry=r
         )
@@ -70,6 +74,9 @@ class WorkerMetrics:
 
     def processed(self, n: int = 1) -> None:
         self._processed.labels(self.stage).inc(n)
+
+    def transaction(self) -> None:
+        self._transactions.labels(self.stage).inc()
 
     def duplicate(self, n: int = 1) -> None:
         self._duplicates.labels(self.stage).inc(n)

@@ -36,6 +36,7 @@ async def serve_stage(
     topology: Topology | None = None,
     concurrency: int | None = None,
     batch: int | None = None,
+    linger: float | None = None,
     handle_signals: bool = True,
 ) -> None:
     """Build the stage's handler and worker and run it until stopped."""
@@ -68,6 +69,7 @@ async def serve_stage(
             topology=topology,
             metrics_port=settings.metrics_port,
             handle_signals=handle_signals,
+            **({} if linger is None else {"linger": linger}),
         )
         await worker.run()
     finally:
@@ -84,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="default: ESPER_DATABASE_URL or endpoints.json")
     p.add_argument("--concurrency", type=int, help="transactions at once")
     p.add_argument("--batch", type=int, help="messages per transaction")
+    p.add_argument("--linger-ms", type=float,
+                   help="wait this long for more messages to share a transaction")
     p.add_argument("--replicas", type=int,
                    help="stream replicas (3 in a cluster; default ESPER_STREAM_REPLICAS or 1)")
     p.add_argument("--ack-wait", type=float, default=DeliveryPolicy.ack_wait)
@@ -117,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             topology=topology,
             concurrency=args.concurrency,
             batch=args.batch,
+            linger=None if args.linger_ms is None else args.linger_ms / 1000,
         )
     )
     return 0
