@@ -9,24 +9,24 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import cast
 
-from sqlalchemy import Table, delete, func, select
+from sqlalchemy import Table, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.db.models import InboxEntry
-from esper.workers import driver
 
 _inbox = cast(Table, InboxEntry.__table__)
 
 
-# One statement for any batch size (arrays, not a VALUES list): prepared once,
-# run on the session's own asyncpg connection (see esper.workers.driver).
-_CLAIM = """
+# One statement for any batch size (arrays, not a VALUES list): prepared once.
+_CLAIM = text(
+    """
     INSERT INTO inbox (stage, event_id, subject)
-    SELECT $1, e, s
-    FROM unnest($2::uuid[], $3::varchar[]) AS x(e, s)
+    SELECT :stage, e, s
+    FROM unnest(CAST(:event_ids AS uuid[]), CAST(:subjects AS varchar[])) AS x(e, s)
     ON CONFLICT (stage, event_id) DO NOTHING
     RETURNING event_id
     """
+)
 
 
 async def claim(
@@ -36,10 +36,12 @@ async def claim(
     were new (those the stage must handle)."""
     if not events:
         return set()
-    rows = await driver.fetch(
-        session, _CLAIM, stage, [e for e, _ in events], [s for _, s in events]
-    )
-    return {r[0] for r in rows}
+    params = {
+        "stage": stage,
+        "event_ids": [e for e, _ in events],
+        "subjects": [s for _, s in events],
+    }
+    return set((await session.execute(_CLAIM, params)).scalars())
 
 
 async def prune(session: AsyncSession, older_than: timedelta) -> int:

@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import (
 from esper.bus import events as ev
 from esper.bus.publish import msg_headers
 from esper.db.models import OutboxEntry
-from esper.workers import driver, inbox
+from esper.workers import inbox
 from esper.workers.failures import is_transient
 from esper.workers.metrics import WorkerMetrics
 
@@ -57,14 +57,15 @@ class OutboxRow:
     payload: bytes
 
 
-# Run on the session's own asyncpg connection (see esper.workers.driver).
-_WRITE = """
+_WRITE = text(
+    """
     INSERT INTO outbox (event_id, subject, payload)
-    SELECT e, s, p FROM unnest($1::uuid[], $2::varchar[], $3::bytea[])
-                        WITH ORDINALITY AS x(e, s, p, n)
+    SELECT e, s, p FROM unnest(CAST(:event_ids AS uuid[]), CAST(:subjects AS varchar[]),
+                               CAST(:payloads AS bytea[])) WITH ORDINALITY AS x(e, s, p, n)
     ORDER BY n
     RETURNING id, event_id
     """
+)
 
 
 async def write(
@@ -79,10 +80,12 @@ async def write(
         return []
     if payloads is None:
         payloads = [ev.encode(e) for e in events]
-    rows = await driver.fetch(
-        session, _WRITE, [e.event_id for e in events], [e.subject for e in events], list(payloads)
-    )
-    ids = {eid: rid for rid, eid in rows}
+    params = {
+        "event_ids": [e.event_id for e in events],
+        "subjects": [e.subject for e in events],
+        "payloads": list(payloads),
+    }
+    ids = {eid: rid for rid, eid in (await session.execute(_WRITE, params)).all()}
     return [
         OutboxRow(ids[e.event_id], e.event_id, e.subject, p)
         for e, p in zip(events, payloads, strict=True)

@@ -18,11 +18,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.bus import events as ev
 from esper.errors import IRValidationError, Reject
-from esper.workers import driver
 from esper.workers.handler import HandlerContext
 
 BACKEND = "passthrough"
@@ -50,21 +50,29 @@ def _check_blueprint(event: ev.BlueprintSubmitted) -> None:
         raise Reject(f"blueprint hash mismatch: submitted {event.blueprint_hash}, is {actual}")
 
 
-_RECORD = """
-    INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
-    SELECT k, $1, s, c, d
-    FROM unnest($2::uuid[], $3::varchar[],
-                $4::varchar[], $5::jsonb[]) AS x(k, s, c, d)
+_RECORD = text(
     """
+    INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
+    SELECT k, :event, s, c, d
+    FROM unnest(CAST(:kernel_ids AS uuid[]), CAST(:statuses AS varchar[]),
+                CAST(:correlation_ids AS varchar[]), CAST(:details AS jsonb[])) AS x(k, s, c, d)
+    """
+)
 
 
 async def _record(
     session: AsyncSession, event: str, rows: Sequence[tuple[uuid.UUID, str, str, dict[str, Any]]]
 ) -> None:
     """One kernel_events row per (kernel_id, status, correlation_id, detail)."""
-    await driver.execute(
-        session, _RECORD, event, [r[0] for r in rows], [r[1] for r in rows],
-        [r[2] for r in rows], [json.dumps(r[3]) for r in rows],
+    await session.execute(
+        _RECORD,
+        {
+            "event": event,
+            "kernel_ids": [r[0] for r in rows],
+            "statuses": [r[1] for r in rows],
+            "correlation_ids": [r[2] for r in rows],
+            "details": [json.dumps(r[3]) for r in rows],
+        },
     )
 
 
@@ -80,31 +88,35 @@ class _PassThrough:
         raise NotImplementedError
 
 
-_UPSERT_BLUEPRINTS = """
+_UPSERT_BLUEPRINTS = text(
+    """
     INSERT INTO blueprints (hash, name, ir, submit_count)
     SELECT h, n, i, c
-    FROM unnest($1::varchar[], $2::varchar[],
-                $3::jsonb[], $4::int[]) AS x(h, n, i, c)
+    FROM unnest(CAST(:hashes AS varchar[]), CAST(:names AS varchar[]),
+                CAST(:irs AS jsonb[]), CAST(:counts AS int[])) AS x(h, n, i, c)
     ON CONFLICT (hash) DO UPDATE
     SET last_submitted_at = now(), submit_count = blueprints.submit_count + EXCLUDED.submit_count
     """
+)
 
 # New kernels are inserted; known ones (cache hits) come back as they are.
-_CLAIM_KERNELS = """
+_CLAIM_KERNELS = text(
+    """
     WITH new AS (
         INSERT INTO kernels (id, blueprint_hash, cache_key, target, dtype, backend, status)
-        SELECT i, h, k, t, d, $1, 'compiled'
-        FROM unnest($2::uuid[], $3::varchar[], $4::varchar[],
-                    $5::varchar[], $6::varchar[]) AS x(i, h, k, t, d)
+        SELECT i, h, k, t, d, :backend, 'compiled'
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:hashes AS varchar[]), CAST(:keys AS varchar[]),
+                    CAST(:targets AS varchar[]), CAST(:dtypes AS varchar[])) AS x(i, h, k, t, d)
         ON CONFLICT (cache_key) DO NOTHING
         RETURNING id, cache_key, status
     )
     SELECT id, cache_key, status, true AS created FROM new
     UNION ALL
     SELECT id, cache_key, status, false FROM kernels
-    WHERE cache_key = ANY($4::varchar[])
+    WHERE cache_key = ANY(CAST(:keys AS varchar[]))
       AND cache_key NOT IN (SELECT cache_key FROM new)
     """
+)
 
 
 class CompilePassThrough(_PassThrough):
@@ -123,9 +135,14 @@ class CompilePassThrough(_PassThrough):
         s = ctx.session
         counts = Counter(e.blueprint_hash for e in events)
         firsts = {e.blueprint_hash: e for e in reversed(events)}
-        await driver.execute(
-            s, _UPSERT_BLUEPRINTS, list(counts), [firsts[h].name for h in counts],
-            [json.dumps(firsts[h].ir) for h in counts], list(counts.values()),
+        await s.execute(
+            _UPSERT_BLUEPRINTS,
+            {
+                "hashes": list(counts),
+                "names": [firsts[h].name for h in counts],
+                "irs": [json.dumps(firsts[h].ir) for h in counts],
+                "counts": list(counts.values()),
+            },
         )
         wanted = [
             (e, target, dtype, passthrough_cache_key(e.blueprint_hash, target, dtype))
@@ -134,25 +151,31 @@ class CompilePassThrough(_PassThrough):
             for dtype in e.dtypes
         ]
         unique = {key: (e.blueprint_hash, target, dtype) for e, target, dtype, key in wanted}
-        result = await driver.fetch(
-            s, _CLAIM_KERNELS, BACKEND, [uuid.uuid4() for _ in unique],
-            [v[0] for v in unique.values()], list(unique), [v[1] for v in unique.values()],
-            [v[2] for v in unique.values()],
+        result = await s.execute(
+            _CLAIM_KERNELS,
+            {
+                "backend": BACKEND,
+                "ids": [uuid.uuid4() for _ in unique],
+                "hashes": [v[0] for v in unique.values()],
+                "keys": list(unique),
+                "targets": [v[1] for v in unique.values()],
+                "dtypes": [v[2] for v in unique.values()],
+            },
         )
-        kernels = {r["cache_key"]: r for r in result}
+        kernels = {r.cache_key: r for r in result}
         compile_ms = (time.perf_counter() - started) * 1000 / len(events)
         created: set[str] = set()
         records = []
         for event, target, dtype, key in wanted:
             k = kernels[key]
             # Within a batch, only the first claim of a new kernel is a miss.
-            hit = not k["created"] or key in created
+            hit = not k.created or key in created
             created.add(key)
             detail = {"stage": ctx.stage, "cache_hit": hit, "event_id": str(event.event_id)}
-            records.append((k["id"], k["status"], event.correlation_id, detail))
+            records.append((k.id, k.status, event.correlation_id, detail))
             ctx.emit(
                 ev.KernelCompiled(
-                    correlation_id=event.correlation_id, kernel_id=k["id"], cache_key=key,
+                    correlation_id=event.correlation_id, kernel_id=k.id, cache_key=key,
                     blueprint_hash=event.blueprint_hash, target=target, dtype=dtype,
                     backend=BACKEND, cache_hit=hit, compile_ms=compile_ms,
                 )
@@ -160,10 +183,11 @@ class CompilePassThrough(_PassThrough):
         await _record(s, "compiled", records)
 
 
-_VALIDATE = """
+_VALIDATE = text(
+    """
     WITH moved AS (
         UPDATE kernels SET status = 'validated', updated_at = now()
-        WHERE id = ANY($1::uuid[]) AND status = 'compiled'
+        WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'compiled'
         RETURNING id
     ), checked AS (
         INSERT INTO validations (kernel_id, device, passed, checks, reasons)
@@ -171,15 +195,16 @@ _VALIDATE = """
     ), cur AS (
         SELECT k.id, CASE WHEN m.id IS NULL THEN k.status ELSE 'validated' END AS status
         FROM kernels k LEFT JOIN moved m ON m.id = k.id
-        WHERE k.id = ANY($1::uuid[])
+        WHERE k.id = ANY(CAST(:ids AS uuid[]))
     )
     INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
     SELECT x.k, 'validated', cur.status, x.c, x.d
-    FROM unnest($1::uuid[], $2::varchar[],
-                $3::jsonb[]) AS x(k, c, d)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:correlation_ids AS varchar[]),
+                CAST(:details AS jsonb[])) AS x(k, c, d)
     JOIN cur ON cur.id = x.k
     RETURNING kernel_id
     """
+)
 
 
 def _unknown(events: Sequence[Any], found: set[uuid.UUID]) -> None:
@@ -198,11 +223,15 @@ class ValidatePassThrough(_PassThrough):
     async def handle_many(
         self, events: Sequence[ev.KernelCompiled], ctx: HandlerContext[Any]
     ) -> None:
-        result = await driver.fetch(
-            ctx.session, _VALIDATE, [e.kernel_id for e in events],
-            [e.correlation_id for e in events], _details(events, ctx.stage),
+        result = await ctx.session.execute(
+            _VALIDATE,
+            {
+                "ids": [e.kernel_id for e in events],
+                "correlation_ids": [e.correlation_id for e in events],
+                "details": _details(events, ctx.stage),
+            },
         )
-        _unknown(events, {r[0] for r in result})
+        _unknown(events, set(result.scalars()))
         for e in events:
             ctx.emit(
                 ev.KernelValidated(
@@ -214,32 +243,36 @@ class ValidatePassThrough(_PassThrough):
             )
 
 
-_READY = """
+_READY = text(
+    """
     WITH moved AS (
         UPDATE kernels SET status = 'ready', updated_at = now()
-        WHERE id = ANY($1::uuid[]) AND status IN ('compiled', 'validated')
+        WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('compiled', 'validated')
         RETURNING id
     ), cur AS (
         SELECT k.id, k.blueprint_hash, m.id IS NOT NULL AS moved,
                CASE WHEN m.id IS NULL THEN k.status ELSE 'ready' END AS status
         FROM kernels k LEFT JOIN moved m ON m.id = k.id
-        WHERE k.id = ANY($1::uuid[])
+        WHERE k.id = ANY(CAST(:ids AS uuid[]))
     ), recorded AS (
         INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
         SELECT x.k, 'ready', cur.status, x.c, x.d
-        FROM unnest($1::uuid[], $2::varchar[],
-                    $3::jsonb[]) AS x(k, c, d)
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:correlation_ids AS varchar[]),
+                    CAST(:details AS jsonb[])) AS x(k, c, d)
         JOIN cur ON cur.id = x.k
     )
     SELECT cur.id, cur.moved, b.ir FROM cur JOIN blueprints b ON b.hash = cur.blueprint_hash
     """
+)
 
-_DEPLOY = """
+_DEPLOY = text(
+    """
     INSERT INTO deployments (kernel_id, target, seed_schema)
     SELECT k, t, s
-    FROM unnest($1::uuid[], $2::varchar[],
-                $3::jsonb[]) AS x(k, t, s)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:targets AS varchar[]),
+                CAST(:schemas AS jsonb[])) AS x(k, t, s)
     """
+)
 
 
 class DeployPassThrough(_PassThrough):
@@ -264,16 +297,20 @@ class DeployPassThrough(_PassThrough):
     async def handle_many(
         self, events: Sequence[ev.KernelValidated], ctx: HandlerContext[Any]
     ) -> None:
-        result = await driver.fetch(
-            ctx.session, _READY, [e.kernel_id for e in events],
-            [e.correlation_id for e in events], _details(events, ctx.stage),
+        result = await ctx.session.execute(
+            _READY,
+            {
+                "ids": [e.kernel_id for e in events],
+                "correlation_ids": [e.correlation_id for e in events],
+                "details": _details(events, ctx.stage),
+            },
         )
-        found = {r["id"]: r for r in result}
+        found = {r.id: r for r in result}
         _unknown(events, set(found))
         deployed: dict[uuid.UUID, tuple[str, str]] = {}
         for e in events:
-            inputs, outputs = self.schemas(e.blueprint_hash, found[e.kernel_id]["ir"], e.dtype)
-            if found[e.kernel_id]["moved"] and e.kernel_id not in deployed:
+            inputs, outputs = self.schemas(e.blueprint_hash, found[e.kernel_id].ir, e.dtype)
+            if found[e.kernel_id].moved and e.kernel_id not in deployed:
                 schema = {
                     "inputs": [t.model_dump() for t in inputs],
                     "outputs": [t.model_dump() for t in outputs],
@@ -289,9 +326,13 @@ class DeployPassThrough(_PassThrough):
                 )
             )
         if deployed:
-            await driver.execute(
-                ctx.session, _DEPLOY, list(deployed), [v[0] for v in deployed.values()],
-                [v[1] for v in deployed.values()],
+            await ctx.session.execute(
+                _DEPLOY,
+                {
+                    "ids": list(deployed),
+                    "targets": [v[0] for v in deployed.values()],
+                    "schemas": [v[1] for v in deployed.values()],
+                },
             )
 
 

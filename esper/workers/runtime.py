@@ -399,8 +399,7 @@ class Worker:
                         await self.handler.handle_many(events, ctx)  # type: ignore[attr-defined]
                     else:
                         await self.handler(first, ctx)
-                if session.new or session.dirty or session.deleted:
-                    await session.flush()  # a handler's bad row fails here, not at commit
+                await session.flush()  # a handler's bad row fails here, not at commit
             except Exception as exc:
                 raise _HandlerFailed(None if batch else ds[0], exc) from exc
             finally:
