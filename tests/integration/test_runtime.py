@@ -108,6 +108,34 @@ async def test_each_event_has_its_effects_once_and_its_emits_published(
         assert worker.metrics.value("esper_worker_dead_lettered_total") == 0
 
 
+async def test_messages_arriving_within_the_linger_share_one_transaction(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    handler = Recorder()
+    async with (
+        running_worker(
+            "validate", bus, database_url, handler, batch=32, concurrency=2, linger=1.0
+        ) as worker,
+        js_client(bus) as js,
+    ):
+        for i in range(10):  # one at a time, a little apart: each arrives alone
+            await publish_event(js, compiled(i))
+            await asyncio.sleep(0.01)
+
+        async def all_done() -> bool:
+            return worker.metrics.value("esper_worker_processed_total") == 10
+
+        await wait_for(all_done, 15, "10 events processed")
+        assert worker.metrics.value("esper_worker_transactions_total") <= 2
+        assert await effects(engine) == {f"k{i}": 1 for i in range(10)}
+        sent = "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
+        await wait_for(lambda: _eq(scalar(engine, sent), 10), 15, "10 outbox rows published")
+
+
+async def _eq(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
 async def test_the_same_event_twice_in_the_stream_is_handled_once(
     bus: str, database_url: str, engine: AsyncEngine
 ) -> None:
