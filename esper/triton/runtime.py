@@ -66,14 +66,8 @@ def aliases(prog: TileProgram) -> dict[int, tuple[str, int]]:
 
 def _loaded(prog: TileProgram) -> set[int]:
     """Inputs that some output of ``prog`` depends on (aliased outputs included)."""
-    need = [False] * len(prog.vals)
-    for _, vid in prog.outputs:
-        need[vid] = True
-    for i in range(len(prog.vals) - 1, -1, -1):
-        if need[i]:
-            for a in prog.vals[i].args:
-                need[a] = True
-    return {v.attr for i, v in enumerate(prog.vals) if need[i] and v.op == "load"}
+    return {v.attr for v, live in zip(prog.vals, prog.live(), strict=True)
+            if live and v.op == "load"}
 
 
 def stored(prog: TileProgram) -> TileProgram:
