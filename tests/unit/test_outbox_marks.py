@@ -45,7 +45,8 @@ def rows(*ids: int) -> list[OutboxRow]:
 
 
 async def test_marks_are_gathered_then_written_once() -> None:
-    relay = RecordingRelay(mark_delay=0.05)
+    # a delay far above the test's own steps, so a loaded machine cannot outrun it
+    relay = RecordingRelay(mark_delay=0.5)
     task = asyncio.create_task(relay.run())
     await asyncio.sleep(0.01)  # past its first poll, which marks before it looks
     await relay.publish_now(rows(1, 2))
@@ -53,7 +54,10 @@ async def test_marks_are_gathered_then_written_once() -> None:
     await relay.publish_now(rows(3))
     await asyncio.sleep(0.01)
     assert relay.marks == []  # still gathering
-    await asyncio.sleep(0.1)
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if relay.marks:
+            break
     assert relay.marks == [[1, 2, 3]]
     assert relay.published_total == 3
     relay.stop()
