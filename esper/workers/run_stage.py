@@ -17,7 +17,7 @@ from esper.db.engine import create_engine, session_factory
 from esper.infra.endpoints import resolve_endpoints
 from esper.settings import Settings, get_settings
 from esper.workers.logging import configure_logging
-from esper.workers.runtime import Handler, Worker
+from esper.workers.runtime import DEFAULT_LINGER, Handler, Worker
 from esper.workers.stages import get_stage
 
 
@@ -69,7 +69,7 @@ async def serve_stage(
             topology=topology,
             metrics_port=settings.metrics_port,
             handle_signals=handle_signals,
-            **({} if linger is None else {"linger": linger}),
+            linger=DEFAULT_LINGER if linger is None else linger,
         )
         await worker.run()
     finally:
