@@ -246,18 +246,13 @@ class Worker:
                 return None
             group = [first]
             self._processing[id(first)] = first  # heartbeats cover it from now on
-            deadline: float | None = None
+            deadline = asyncio.get_running_loop().time() + self.linger
             while len(group) < self.batch:
                 if not queue.empty():
                     nxt = queue.get_nowait()
                 elif self.linger <= 0:
                     break
                 else:
-                    loop = asyncio.get_running_loop()
-                    if deadline is None:
-                        deadline = loop.time() + self.linger
-                    if loop.time() >= deadline:
-                        break
                     try:
                         async with asyncio.timeout_at(deadline):
                             nxt = await queue.get()
