@@ -23,6 +23,7 @@ Two steps, two machines:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -154,6 +155,19 @@ class CompileCounter:
 
     def _on_compile(self, **kw: Any) -> None:
         self.count += 1
+
+
+def clear_grads(m: Any, xs: list[Any]) -> None:
+    for x in xs:
+        x.grad = None
+    for p in m.parameters():
+        p.grad = None
+
+
+def train_step(m: Any, xs: list[Any], g: Any) -> None:
+    """One forward+backward with the grads of the last step cleared first."""
+    clear_grads(m, xs)
+    m(*xs).backward(g)
 
 
 def _bench(fn: Any, rep_ms: int = 200) -> float:
@@ -310,12 +324,7 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
             g = torch.randn(y.shape, device=y.device, dtype=y.dtype,
                             generator=torch.Generator(device="cuda").manual_seed(1))
 
-            def step(m: Any, xs: list[Any] = xs, g: Any = g) -> None:
-                for x in xs:
-                    x.grad = None
-                for p in m.parameters():
-                    p.grad = None
-                m(*xs).backward(g)
+            step = functools.partial(train_step, xs=xs, g=g)
 
             step(esper)
             torch.cuda.synchronize()
@@ -324,12 +333,12 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
             ye = ref(*xs).detach()
             y = y.detach()
             row["rel_err_vs_eager"] = float((y.float() - ye.float()).norm() / ye.float().norm())
-            row["eager_ms"] = _bench(lambda ref=ref: step(ref))
-            row["esper_ms"] = _bench(lambda esper=esper: step(esper))
-            row["eager_loop_ms"] = loop_ms(lambda ref=ref: step(ref))
-            row["esper_loop_ms"] = loop_ms(lambda esper=esper: step(esper))
-            row["eager_host_ms"] = host_ms(lambda ref=ref: step(ref))
-            row["esper_host_ms"] = host_ms(lambda esper=esper: step(esper))
+            row["eager_ms"] = _bench(functools.partial(step, ref))
+            row["esper_ms"] = _bench(functools.partial(step, esper))
+            row["eager_loop_ms"] = loop_ms(functools.partial(step, ref))
+            row["esper_loop_ms"] = loop_ms(functools.partial(step, esper))
+            row["eager_host_ms"] = host_ms(functools.partial(step, ref))
+            row["esper_host_ms"] = host_ms(functools.partial(step, esper))
             try:
                 # every case is a new BlueprintModule of one class: without a reset
                 # dynamo hits its recompile limit and silently runs eager
@@ -339,8 +348,8 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                 step(comp)
                 torch.cuda.synchronize()
                 row["compile_first_step_s"] = time.perf_counter() - t0
-                row["torch_compile_ms"] = _bench(lambda comp=comp: step(comp))
-                row["compile_loop_ms"] = loop_ms(lambda comp=comp: step(comp))
+                row["torch_compile_ms"] = _bench(functools.partial(step, comp))
+                row["compile_loop_ms"] = loop_ms(functools.partial(step, comp))
             except Exception as exc:  # record, keep going
                 row["torch_compile_error"] = repr(exc)[:300]
             if tune:
@@ -356,8 +365,8 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                     yt = tuned(*xs).float()
                 row["tuned_rel_err_vs_eager"] = float((yt - ye.float()).norm()
                                                       / ye.float().norm())
-                row["esper_tuned_ms"] = _bench(lambda tuned=tuned: step(tuned))
-                row["esper_tuned_host_ms"] = host_ms(lambda tuned=tuned: step(tuned))
+                row["esper_tuned_ms"] = _bench(functools.partial(step, tuned))
+                row["esper_tuned_host_ms"] = host_ms(functools.partial(step, tuned))
                 plan = json.loads(cf.files["triton/plan.json"])
                 row["tuning"] = plan["meta"]["tuning"]
             graphed.append((row, ref, esper, xs, step))
@@ -528,12 +537,7 @@ def profile(shipped: Path, out: Path, cases: list[str]) -> None:
         xs = case_inputs(name, dtype)
         g = torch.randn_like(esper(*xs))
 
-        def step(m: Any, xs: list[Any] = xs, g: Any = g) -> None:
-            for x in xs:
-                x.grad = None
-            for p in m.parameters():
-                p.grad = None
-            m(*xs).backward(g)
+        step = functools.partial(train_step, xs=xs, g=g)
 
         for label, m in (("eager", ref), ("esper", esper)):
             for _ in range(10):
@@ -548,10 +552,7 @@ def profile(shipped: Path, out: Path, cases: list[str]) -> None:
             # host time of each half on an idle GPU: which half costs the host
             fwd_us, bwd_us = [], []
             for _ in range(50):
-                for x in xs:
-                    x.grad = None
-                for p in m.parameters():
-                    p.grad = None
+                clear_grads(m, xs)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 y = m(*xs)
@@ -616,13 +617,6 @@ def host_proxy(reps: int = 200, rounds: int = 7) -> None:
                     a[key] = val
         return BlueprintIR.from_dict({"schema_version": 1, "name": name, **bp})
 
-    def step(m: Any, xs: list[Any], g: Any) -> None:
-        for x in xs:
-            x.grad = None
-        for p in m.parameters():
-            p.grad = None
-        m(*xs).backward(g)
-
     torch.set_num_threads(1)
     print("| case | eager us | Esper generated us | Esper step objects us | x eager |")
     print("|---|---|---|---|---|")
@@ -642,10 +636,10 @@ def host_proxy(reps: int = 200, rounds: int = 7) -> None:
         for _ in range(rounds):
             for label, m in (("eager", eager), ("gen", gen), ("ref", ref)):
                 for _ in range(20):
-                    step(m, xs, g)
+                    train_step(m, xs, g)
                 t0 = time.perf_counter()
                 for _ in range(reps):
-                    step(m, xs, g)
+                    train_step(m, xs, g)
                 best[label] = min(best[label], (time.perf_counter() - t0) / reps * 1e6)
         print(f"| {name} | {best['eager']:.1f} | {best['gen']:.1f} | {best['ref']:.1f} | "
               f"{best['eager'] / best['gen']:.2f} |")
