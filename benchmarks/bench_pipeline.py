@@ -40,6 +40,7 @@ from typing import Any
 
 import psutil
 from nats.js.errors import NotFoundError
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -164,10 +165,10 @@ class WorkerProcs:
         for stage, port in zip(stages, self.ports, strict=True):
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
             got = {"esper_worker_processed_total": 0.0, "esper_worker_transactions_total": 0.0}
-            for line in text.decode().splitlines():
-                name = line.split("{")[0]
-                if name in got:
-                    got[name] += float(line.rsplit(" ", 1)[1])
+            for family in text_string_to_metric_families(text.decode()):
+                for sample in family.samples:
+                    if sample.name in got:
+                        got[sample.name] += sample.value
             m, t = out.get(stage, (0.0, 0.0))
             out[stage] = (m + got["esper_worker_processed_total"],
                           t + got["esper_worker_transactions_total"])
