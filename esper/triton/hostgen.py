@@ -317,7 +317,8 @@ class HostProgram:
         args = self._group_args(e, st, stand_in="_go")
         bwd_inputs = [*args, "_go"]
         full = args[r.full_input]
-        e.line(f"n = {full}.numel() // {r.c}")
+        if not r.bwd_noop:
+            e.line(f"n = {full}.numel() // {r.c}")
         results: list[str] = []
         stored: list[str] = []
         for j, (alias, _) in enumerate(r.bwd_outs):
