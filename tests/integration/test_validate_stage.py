@@ -162,7 +162,8 @@ async def test_broken_kernels_are_rejected_for_the_right_reason_and_the_worker_g
     # -- SQL: status, one validation row each, the reasons ---------------------------------
     status = dict((r.id, r.status) for r in await rows(engine, "SELECT id, status FROM kernels"))
     assert status[good] == "validated"
-    assert all(status[k] == "rejected" for k in expected)
+    assert all(status[k] == "rejected" for k in expected), {
+        expected[k]: status[k] for k in expected}
     validations = await rows(engine, "SELECT kernel_id, passed, device, checks, reasons, "
                              "duration_ms FROM validations")
     assert sorted(str(v.kernel_id) for v in validations) == sorted(
