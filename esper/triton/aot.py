@@ -209,10 +209,35 @@ class BinaryLauncher:
         return go
 
 
-def load_binaries(module: Any, requests: list[dict[str, Any]], files: Mapping[str, bytes],
+class _ShippedFn:
+    """What Triton's launcher reads of a kernel function: its argument names."""
+
+    def __init__(self, name: str, arg_names: list[str]) -> None:
+        self.__name__ = name
+        self.arg_names = arg_names
+        self.launch_metadata = None  # no per-launch metadata hook (profilers see the name)
+
+
+class ShippedSource:
+    """A shipped kernel's signature and constants, standing in for the ``ASTSource``
+    a compile would have had. Launching a binary needs only these, so a trainer
+    never imports the kernel source (executing its ``@triton.jit`` decorators was
+    most of a hot load's time); the source is imported only to recompile."""
+
+    def __init__(self, request: dict[str, Any]) -> None:
+        names = list(request["signature"])
+        self.fn = _ShippedFn(request["fn"], names)
+        self.name = request["fn"]
+        self.signature = dict(request["signature"])
+        self.constants = {(names.index(k),): v for k, v in request["constexprs"].items()}
+        self.attrs = {(i,): [["tt.divisibility", 16]] for i in request["aligned"]}
+
+
+def load_binaries(requests: list[dict[str, Any]], files: Mapping[str, bytes],
                   cache_dir: Path) -> dict[str, Launcher]:
-    """``CompiledKernel``s from the shipped cubins + metadata: nothing is compiled."""
-    from triton.compiler import ASTSource, CompiledKernel
+    """``CompiledKernel``s from the shipped cubins + metadata: nothing is compiled,
+    and the kernel source is not imported."""
+    from triton.compiler import CompiledKernel
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Launcher] = {}
@@ -224,11 +249,8 @@ def load_binaries(module: Any, requests: list[dict[str, Any]], files: Mapping[st
             if not p.exists():
                 p.write_bytes(data)
             paths[f"{r['key']}.{ext}"] = str(p)
-        attrs = {(i,): [["tt.divisibility", 16]] for i in r["aligned"]}
-        src = ASTSource(fn=getattr(module, r["fn"]), signature=r["signature"],
-                        constexprs=r["constexprs"], attrs=attrs)
         meta = json.loads(files[f"kernels/{r['key']}.json"])
-        out[r["key"]] = BinaryLauncher(CompiledKernel(src, paths, meta["hash"]))
+        out[r["key"]] = BinaryLauncher(CompiledKernel(ShippedSource(r), paths, meta["hash"]))
     return out
 
 

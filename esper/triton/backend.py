@@ -148,7 +148,6 @@ class TritonBackend:
         build = json.loads(files[aot.BUILD_FILE])
         source = files[aot.SOURCE_FILE].decode()
         dtype = torch_dtype(manifest.dtype)
-        module = aot.import_source(source, self.cache_dir / "src")
         requests = aot.kernel_requests(plan)
         kernels: dict[str, Any] | None = None
         pending: list[weakref.ref[Any]] = []
@@ -156,9 +155,9 @@ class TritonBackend:
         state: dict[str, Any] = {"kernels": None}
         mode = self._mode(build)
         if mode == "interpret":
-            kernels = aot.jit_kernels(module, plan)
+            kernels = aot.jit_kernels(aot.import_source(source, self.cache_dir / "src"), plan)
         elif mode == "binaries":
-            kernels = aot.load_binaries(module, requests, files, self.cache_dir / "bin")
+            kernels = aot.load_binaries(requests, files, self.cache_dir / "bin")
         elif mode == "recompile":
             local = aot.local_target()
             assert local is not None
@@ -175,7 +174,8 @@ class TritonBackend:
                     if m is not None:
                         m.install(ks)
 
-            aot.recompile_in_background(module, requests, local, done)
+            aot.recompile_in_background(aot.import_source(source, self.cache_dir / "src"),
+                                        requests, local, done)
         else:
             log.warning("no GPU and no Triton interpreter: blueprint %r runs on the reference "
                         "backend", ir.name)
