@@ -88,9 +88,29 @@ def check_against_float64(module: Any, batch: int = 5, seed: int = 0) -> None:
     for x, x64 in zip(xs, xs64, strict=True):
         assert x.grad is not None and x64.grad is not None
         assert rel_err(x.grad, x64.grad) < tol * 2, "input grad"
+    torch_errs = _torch_backend_param_errs(module, xs, gouts, params64) if dtype != torch.float32 \
+        else {}
     for k, p in module.params.items():
         ref = params64[k].grad
         if ref is None:
             continue
         assert p.grad is not None, f"no grad for {k}"
-        assert rel_err(p.grad, ref) < tol * 2, f"grad {k}: {rel_err(p.grad, ref):.2e}"
+        # a parameter grad that torch's own ops compute (a conv's weight grad summed in
+        # half precision on the CPU) may be no better than torch at this precision
+        bound = max(tol * 2, 1.5 * torch_errs.get(k, 0.0))
+        assert rel_err(p.grad, ref) < bound, f"grad {k}: {rel_err(p.grad, ref):.2e}"
+
+
+def _torch_backend_param_errs(module: Any, xs: list[torch.Tensor], gouts: list[torch.Tensor],
+                              params64: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Parameter-grad errors of the torch backend on the same params, inputs and dtype."""
+    from esper.compile.reference import build_module
+
+    ref = build_module(module.ir, dtype=module.compute_dtype)
+    ref.load_state_dict(module.state_dict())
+    xr = [x.detach().clone().requires_grad_(True) for x in xs]
+    out = ref(*xr)
+    out = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(list(out), [t.to(module.compute_dtype) for t in gouts])
+    return {k: rel_err(p.grad, params64[k].grad) for k, p in ref.params.items()
+            if p.grad is not None and params64[k].grad is not None}
