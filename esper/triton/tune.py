@@ -22,9 +22,17 @@ SM_COUNT = {90: 132, 89: 128, 80: 108, 86: 84}
 TUNE_ELEMS = 1 << 24  # tune at ~16M elements per frame: large enough to fill the GPU
 
 
-def heuristic(prog: TileProgram, c: int, arch: int = 90) -> KernelConfig:
+def heuristic(prog: TileProgram, c: int, arch: int = 90, itemsize: int = 4) -> KernelConfig:
     bc = next_pow2(c)
     loop = stored(prog).has_col_reduction()
+    if not loop and not any(v.op in ("rsum", "rmax") for v in prog.vals):
+        # Pure elementwise: ~1K elements per program, 32 bytes of each tensor per
+        # thread (8 fp32 / 16 bf16 values). Measured on an H200 for a 6-op bf16
+        # chain's backward: 0.205 ms vs 0.237 ms at 4K elements and 8 warps.
+        block_r = max(1, min(128, 1024 // bc))
+        threads = block_r * bc * itemsize // 32
+        return KernelConfig(block_r=block_r, num_warps=max(1, min(16, threads // 32)),
+                            num_stages=1, grid_cap=0)
     per_program = 4096
     block_r = max(1, min(128, per_program // bc))
     elems = block_r * bc
@@ -58,11 +66,15 @@ def candidates(prog: TileProgram, c: int, arch: int = 90) -> list[KernelConfig]:
     return uniq
 
 
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
 def apply_heuristics(plan: Plan, arch: int = 90) -> None:
+    size = ITEMSIZE.get(plan.dtype, 4)
     for g in plan.groups():
-        g.fwd_cfg = g.fwd_cfg or heuristic(g.fwd, g.c, arch)
+        g.fwd_cfg = g.fwd_cfg or heuristic(g.fwd, g.c, arch, size)
         if g.bwd is not None:
-            g.bwd_cfg = g.bwd_cfg or heuristic(g.bwd, g.c, arch)
+            g.bwd_cfg = g.bwd_cfg or heuristic(g.bwd, g.c, arch, size)
 
 
 def tune_rows(g: FusedStep) -> int:
