@@ -173,7 +173,9 @@ class HostProgram:
         e.line(f"n = {full}.numel() // {r.c}")
         outs = [f"s{s}" for s in st.outs]
         for o in outs:
-            e.line(f"{o} = _empty({full}.shape, dtype=_DT, device={full}.device)")
+            # ``full`` is contiguous and of the kernel's dtype: empty_like skips the
+            # keyword parsing of a factory call (several us a call on a slow host)
+            e.line(f"{o} = _empty_like({full})")
         e.line(f"{go}({_grid(r, 'fwd')}, {', '.join([*args, *outs])}, n)")
 
     def _group_args(self, e: _Emitter, st: GroupStep, stand_in: str | None = None
