@@ -44,6 +44,25 @@ STREAMS: tuple[StreamSpec, ...] = (
 )
 
 
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(have) == len(want)
+
+
+def stream_of(subject: str, streams: tuple[StreamSpec, ...] = STREAMS) -> str | None:
+    """The name of the stream that stores ``subject`` (None: none of ``streams``)."""
+    for spec in streams:
+        if any(subject_matches(p, subject) for p in spec.subjects):
+            return spec.name
+    return None
+
+
 @dataclass(frozen=True)
 class ConsumerSpec:
     """The durable consumer one stage's workers share (named after the stage)."""
@@ -123,6 +142,9 @@ class Topology:
             storage=StorageType.FILE,
             num_replicas=self.replicas,
             duplicate_window=self.duplicate_window,
+            # Atomic batches (nats-server 2.12+): a relay's or a submitter's run of
+            # messages is stored with one round of fsyncs (esper.bus.publish).
+            allow_atomic=True,
         )
 
     def consumer_config(self, spec: ConsumerSpec) -> ConsumerConfig:
@@ -163,7 +185,9 @@ async def ensure_streams(
 
 
 def _stream_drifted(have: StreamConfig, want: StreamConfig) -> bool:
-    keys = ("subjects", "max_age", "max_msg_size", "num_replicas", "duplicate_window")
+    keys = (
+        "subjects", "max_age", "max_msg_size", "num_replicas", "duplicate_window", "allow_atomic"
+    )
     return any(getattr(have, k) != getattr(want, k) for k in keys)
 
 

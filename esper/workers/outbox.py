@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import Table, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import (
@@ -37,7 +38,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from esper.bus import events as ev
-from esper.bus.publish import msg_headers
+from esper.bus.publish import publish_pipelined
 from esper.db.models import OutboxEntry
 from esper.workers import inbox
 from esper.workers.failures import is_transient
@@ -122,8 +123,11 @@ class OutboxRelay:
         prune_every: float = 600.0,
         mark_engine: AsyncEngine | None = None,
         mark_delay: float = 0.05,
+        nc: NATS | None = None,
     ) -> None:
         self._sf = session_factory
+        # With the connection, runs of rows go as atomic batches (publish_pipelined).
+        self._nc = nc
         self._mark_engine = mark_engine
         self._js = js
         self.batch = batch
@@ -278,10 +282,9 @@ class OutboxRelay:
         return await self._collect(await self._start(rows))
 
     async def _start(self, rows: Sequence[OutboxRow]) -> list[tuple[OutboxRow, Any]]:
-        return [
-            (r, await self._js.publish_async(r.subject, r.payload, headers=msg_headers(r.event_id)))
-            for r in rows
-        ]
+        items = [(r.subject, r.payload, r.event_id) for r in rows]
+        futures = await publish_pipelined(self._js, items, nc=self._nc)
+        return list(zip(rows, futures, strict=True))
 
     async def _collect(self, pairs: Sequence[tuple[OutboxRow, Any]]) -> list[int]:
         rows = [r for r, _ in pairs]

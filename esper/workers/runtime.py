@@ -161,7 +161,7 @@ class Worker:
                 if bind is not None:
                     mark_engine = outbox.mark_engine_for(bind)
                 self.relay = outbox.OutboxRelay(
-                    self._sf, js, metrics=self.metrics, mark_engine=mark_engine
+                    self._sf, js, metrics=self.metrics, mark_engine=mark_engine, nc=nc
                 )
                 background.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
             puller = self._puller = PullConsumer(
