@@ -80,6 +80,10 @@ class _PassThrough:
     """A handler whose per-event form is a batch of one."""
 
     batch = 32  # messages per transaction it handles best (the runtime's default)
+    # Transactions in flight per process: a few statements each, so one at a time
+    # would leave a stage waiting on its own commits (the validate stage's
+    # default is 1, for the real validator's sake).
+    concurrency = 4
 
     async def __call__(self, event: Any, ctx: HandlerContext[Any]) -> None:
         await self.handle_many([event], ctx)

@@ -52,10 +52,14 @@ async def serve_stage(
         nats_url = nats_url or endpoints.nats_servers
         database_url = database_url or endpoints.database_url
     handler = handler or stage.make_handler(settings)
+    # A handler may know its best batch and concurrency (the pass-through's
+    # set-based SQL wants several transactions in flight, unlike a validator).
+    concurrency = concurrency or getattr(handler, "concurrency", None) or stage.concurrency
+    batch = batch or getattr(handler, "batch", None) or stage.batch
     # No pre-ping: it costs a round trip per transaction, and the runtime already
     # rides out a broken connection (the batch is held and retried).
     engine = create_engine(
-        database_url, pool_size=(concurrency or stage.concurrency) + 2, pool_pre_ping=False
+        database_url, pool_size=concurrency + 2, pool_pre_ping=False
     )
     try:
         worker = Worker(
@@ -63,9 +67,8 @@ async def serve_stage(
             handler,
             nats_url=nats_url,  # type: ignore[arg-type]
             session_factory=session_factory(engine),
-            concurrency=concurrency or stage.concurrency,
-            # A handler may know its best batch (the pass-through's set-based SQL).
-            batch=batch or getattr(handler, "batch", None) or stage.batch,
+            concurrency=concurrency,
+            batch=batch,
             topology=topology,
             metrics_port=settings.metrics_port,
             handle_signals=handle_signals,
