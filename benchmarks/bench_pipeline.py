@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from esper.bus import events as ev  # noqa: E402
 from esper.bus.connect import connect  # noqa: E402
-from esper.bus.publish import make_submission, msg_headers  # noqa: E402
+from esper.bus.publish import make_submission, msg_headers, submit_events  # noqa: E402
 from esper.bus.topology import STREAMS, Topology, ensure_topology  # noqa: E402
 from esper.db.engine import create_engine, session_factory  # noqa: E402
 from esper.db.migrate import upgrade  # noqa: E402
@@ -222,14 +222,13 @@ class WorkersInProc:
 
 
 async def throughput(
-    js: Any, watch: ReadyWatch, subs: list[ev.BlueprintSubmitted], quiet: bool = False
+    js: Any, watch: ReadyWatch, subs: list[ev.BlueprintSubmitted], quiet: bool = False,
+    nc: Any = None,
 ) -> float:
+    """Submit ``subs`` at once as ``esper submit`` does (in atomic batches with
+    ``nc``) and wait for every KernelReady."""
     start = time.perf_counter()
-    futures = [
-        await js.publish_async(s.subject, ev.encode(s), headers=msg_headers(s.event_id))
-        for s in subs
-    ]
-    await asyncio.gather(*futures)
+    await submit_events(js, subs, nc=nc, ack_timeout=60.0)
     published = time.perf_counter()
     target = {s.correlation_id for s in subs}
     await watch.until_all(target)
@@ -331,8 +330,9 @@ async def run_point(
         else:
             handle = WorkersInProc(args, ",".join(urls), db_url, topology.replicas)
         await handle.ready()
+        batch_nc = None if args.submit_singly else nc
         warm, rest = subs[: args.warmup], subs[args.warmup:]
-        await throughput(js, watch, warm, quiet=True)
+        await throughput(js, watch, warm, quiet=True, nc=batch_nc)
 
         parts = {"bench": [os.getpid()], "nats": [n.pid or 0 for n in nodes],
                  "postgres": [pg.pid or 0], **{s: handle.pids(s) for s in STAGES}}
@@ -343,7 +343,7 @@ async def run_point(
         print(f"processes per stage: {processes}; throughput: {args.n} blueprints at once")
         before = {k: part(k) for k in parts}
         load0, t0, machine0 = os.getloadavg()[0], time.perf_counter(), machine_busy()
-        rate = await throughput(js, watch, rest[: args.n])
+        rate = await throughput(js, watch, rest[: args.n], nc=batch_nc)
         wall = time.perf_counter() - t0
         spent = {k: part(k) - before[k] for k in parts}
         load1, machine = os.getloadavg()[0], machine_busy() - machine0
@@ -482,6 +482,8 @@ def cli() -> argparse.Namespace:
     p.add_argument("--linger-ms", type=float,
                    help="workers wait this long for more messages per transaction (default: "
                         "the runtime's)")
+    p.add_argument("--submit-singly", action="store_true",
+                   help="throughput run: publish each submission on its own (no atomic batches)")
     p.add_argument("--json", type=Path, help="append each result here as one JSON line")
     args = p.parse_args()
     args.processes = [int(x) for x in args.processes.split(",")]
