@@ -151,7 +151,14 @@ class BinaryLauncher:
 
     After ``warm`` it calls Triton's C launch function directly when the kernel
     needs no scratch memory (the common case), skipping two Python frames per
-    launch; otherwise it goes through ``CompiledKernel.run``."""
+    launch; otherwise it goes through ``CompiledKernel.run``.
+
+    Pointer arguments may be passed as raw device addresses (``t.data_ptr()``):
+    Triton's C launcher asks the driver to check every tensor argument
+    (``cuPointerGetAttribute``, one driver call per pointer per launch) and
+    checks nothing for an integer."""
+
+    raw_pointers = True
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel

@@ -45,6 +45,20 @@ def _ok_prev(g: torch.Tensor | None, like: torch.Tensor) -> int:
                and g.is_contiguous() and not g.data_ptr() % 16)
 
 
+def _pointers(launcher: Any, exprs: list[str]) -> list[str]:
+    """Kernel pointer arguments as the launcher takes them fastest: raw addresses
+    for shipped binaries (no driver check per pointer per launch), else tensors."""
+    if not getattr(launcher, "raw_pointers", False):
+        return exprs
+    return [f"{x}.data_ptr()" if x.isidentifier() else f"({x}).data_ptr()" for x in exprs]
+
+
+def _need_cuda(*tensors: torch.Tensor) -> None:
+    where = sorted({str(t.device) for t in tensors if not t.is_cuda})
+    raise ValueError(f"this blueprint runs shipped GPU kernels: every input and parameter "
+                     f"must be on a CUDA device, got tensors on {', '.join(where)}")
+
+
 def _own(t: torch.Tensor, taken: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """An autograd output must not be an input or an earlier output."""
     return t.view_as(t) if any(t is x for x in taken) else t
@@ -78,6 +92,7 @@ class HostProgram:
         self._emit_forward(fwd)
         self._emit_backward(bwd)
         glb: dict[str, Any] = {"_own": _own, "_ok_prev": _ok_prev, "_fix": aligned,
+                               "_need_cuda": _need_cuda,
                                "_Call": Call, "_Grads": Grads, "_linear": F.linear,
                                "_mm": torch.mm, "_addmm": torch.addmm, "_matmul": torch.matmul,
                                "_conv2d": F.conv2d, "_empty": torch.empty,
@@ -97,6 +112,12 @@ class HostProgram:
         ins = [f"s{s}" for s in sc.input_slots]
         prm = [f"p{i}" for i in range(sc.n_params)]
         e.lines.append(f"def forward(ctx, sym, {', '.join([*ins, *prm, '*_'])}):")
+        raw = any(isinstance(st, GroupStep) and st.runner is not None
+                  and getattr(st.runner.fwd, "raw_pointers", False) for st in sc.steps)
+        if raw and ins + prm:
+            # raw addresses skip the launcher's own check that each one is on the GPU
+            e.line(f"if not ({' and '.join(f'{v}.is_cuda' for v in [*ins, *prm])}):")
+            e.line(f"    _need_cuda({', '.join([*ins, *prm])})")
         generic = any(not _inline(st) for st in sc.steps)
         if generic:
             e.line(f"P = ({', '.join(prm)}{',' if prm else ''})")
@@ -176,7 +197,8 @@ class HostProgram:
             # ``full`` is contiguous and of the kernel's dtype: empty_like skips the
             # keyword parsing of a factory call (several us a call on a slow host)
             e.line(f"{o} = _empty_like({full})")
-        e.line(f"{go}({_grid(r, 'fwd')}, {', '.join([*args, *outs])}, n)")
+        ptrs = _pointers(r.fwd, [*args, *outs])
+        e.line(f"{go}({_grid(r, 'fwd')}, {', '.join(ptrs)}, n)")
 
     def _group_args(self, e: _Emitter, st: GroupStep, stand_in: str | None = None
                     ) -> list[str]:
@@ -347,8 +369,8 @@ class HostProgram:
             flags.append(f"h{j}")
         if not r.bwd_noop:
             go = e.const("L", r.bwd.bind(r.bwd_cfg))  # type: ignore[attr-defined]
-            e.line(f"{go}({_grid(r, 'bwd')}, "
-                   f"{', '.join([*bwd_inputs, *stored, *extra, *flags])}, n)")
+            ptrs = _pointers(r.bwd, [*bwd_inputs, *stored, *extra])
+            e.line(f"{go}({_grid(r, 'bwd')}, {', '.join([*ptrs, *flags])}, n)")
         for j, (kind, k) in enumerate(st.args):
             if kind == "slot":
                 if not nd.slot[k]:

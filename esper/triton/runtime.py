@@ -30,6 +30,8 @@ class Launcher(Protocol):
 class JitLauncher:
     """Launch a ``@triton.jit`` function (compiles on first use; interpreter on CPU)."""
 
+    raw_pointers = False  # the JIT specialises on argument types: tensors stay tensors
+
     def __init__(self, fn: Any) -> None:
         self.fn = fn
 

@@ -277,3 +277,37 @@ def test_a_group_saves_only_what_its_backward_reads() -> None:
     # a residual add's grads are the incoming grad: nothing saved, nothing launched
     assert group.saves == () and group.runner is not None and group.runner.bwd_noop
     check_against_float64(module)
+
+
+class _RawRecorder:
+    """A launcher that takes raw device addresses (as shipped binaries do) and only
+    records what it was given."""
+
+    raw_pointers = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def launch(self, grid: int, args: Any, cfg: Any) -> None:
+        self.calls.append(tuple(args))
+
+    def bind(self, cfg: Any) -> Any:
+        return lambda grid, *args: self.calls.append(args)
+
+
+def test_raw_pointer_launchers_get_addresses_and_cpu_tensors_a_clear_error() -> None:
+    from esper.triton.backend import build_plan
+    from esper.triton.module import TritonBlueprintModule
+
+    plan, _ = build_plan(SHARED, "float32")
+    rec = _RawRecorder()
+    kernels = {k: rec for g in plan.groups() for k in (g.fwd_kernel, g.bwd_kernel)}
+    module = TritonBlueprintModule(SHARED, plan, kernels)  # type: ignore[arg-type]
+    xs = [torch.randn([3 if isinstance(d, str) else d for d in i.shape], requires_grad=True)
+          for i in SHARED.inputs]
+    with pytest.raises(ValueError, match="must be on a CUDA device, got tensors on cpu"):
+        module(*xs)
+    assert not rec.calls, "nothing may launch with a host address"
+    assert module._schedule is not None
+    source = next(iter(module._schedule._programs.values())).source
+    assert ".data_ptr()" in source and "_need_cuda(" in source
