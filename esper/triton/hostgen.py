@@ -97,7 +97,7 @@ class HostProgram:
                                "_mm": torch.mm, "_addmm": torch.addmm, "_matmul": torch.matmul,
                                "_conv2d": F.conv2d, "_empty": torch.empty,
                                "_empty_like": torch.empty_like, "_DT": dtype,
-                               "_conv_bwd": torch.ops.aten.convolution_backward,
+                               "_conv_bwd": torch.ops.aten.convolution_backward.default,
                                **fwd.glb, **bwd.glb}
         self.source = "\n".join([*fwd.lines, "", *bwd.lines]) + "\n"
         code = compile(self.source, f"<esper-host-{next(_ids)}>", "exec")
