@@ -260,6 +260,16 @@ async def latency(
     return [(watch.at[c] - t) * 1000 for c, t in sent.items()], offered
 
 
+def msgs_per_txn(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Per stage: messages processed over transactions committed in between."""
+    return {
+        s: round((after[s][0] - before[s][0]) / max(1.0, after[s][1] - before[s][1]), 2)
+        for s in STAGES
+    }
+
+
 def cpu_seconds(pids: list[int], children: bool = True) -> float:
     """User+system CPU of these processes (and their children: postgres
     backends, the workers), for a load-independent cost per event."""
@@ -342,6 +352,8 @@ async def run_point(
 
         print(f"processes per stage: {processes}; throughput: {args.n} blueprints at once")
         before = {k: part(k) for k in parts}
+        tcounts0 = await asyncio.to_thread(handle.counters) if isinstance(
+            handle, WorkerProcs) else {}
         load0, t0, machine0 = os.getloadavg()[0], time.perf_counter(), machine_busy()
         rate = await throughput(js, watch, rest[: args.n], nc=batch_nc)
         wall = time.perf_counter() - t0
@@ -368,10 +380,15 @@ async def run_point(
             "n_throughput": args.n,
             "cpus": os.cpu_count(),
         }
+        if tcounts0:
+            result["msgs_per_txn"] = msgs_per_txn(
+                tcounts0, await asyncio.to_thread(handle.counters)  # type: ignore[union-attr]
+            )
         print(f"  => {rate:.0f} events/s end to end; {result['cpu_ms_per_event']:.2f} CPU-ms "
               f"per event {result['cpu_ms_per_event_by_part']}; cores busy: "
               f"{result['cores_busy']} ours, {result['others_cores_busy']} others'; "
-              f"load {load0:.1f} -> {load1:.1f}")
+              f"load {load0:.1f} -> {load1:.1f}; messages per transaction: "
+              f"{result.get('msgs_per_txn')}")
         if n_latency:
             await asyncio.sleep(1.0)
             print(f"latency: {args.rate:.0f} blueprints/s for {args.seconds:.0f}s")
@@ -400,12 +417,9 @@ async def run_point(
                 "n_latency": len(lat),
             }
             if counts0:
-                counts1 = await asyncio.to_thread(handle.counters)  # type: ignore[union-attr]
-                result["latency_msgs_per_txn"] = {
-                    s: round((counts1[s][0] - counts0[s][0])
-                             / max(1.0, counts1[s][1] - counts0[s][1]), 2)
-                    for s in STAGES
-                }
+                result["latency_msgs_per_txn"] = msgs_per_txn(
+                    counts0, await asyncio.to_thread(handle.counters)  # type: ignore[union-attr]
+                )
             print(f"  => p50 {result['latency_ms_p50']:.1f} / p99 {result['latency_ms_p99']:.1f} / "
                   f"max {result['latency_ms_max']:.1f} ms at {offered:.0f}/s; "
                   f"{result['latency_cpu_ms_per_event']:.2f} CPU-ms per event "
