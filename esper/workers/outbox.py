@@ -186,7 +186,8 @@ class OutboxRelay:
                     await self._mark_unmarked()
                 if loop.time() >= next_poll:
                     await self._mark_unmarked()  # not re-published by the poll below
-                    await self.flush(min_age=self.stale_after)
+                    if await self._maybe_stale():
+                        await self.flush(min_age=self.stale_after)
                     next_poll = loop.time() + self.poll_interval
                 if loop.time() >= next_prune:
                     await self.prune()
@@ -223,6 +224,23 @@ class OutboxRelay:
             await self._mark(ids)
             del self._unmarked[: len(ids)]
         self._mark_due = None
+
+    async def _maybe_stale(self) -> bool:
+        """Whether the poll path may find work: one autocommit statement on the
+        mark pool instead of a locking transaction's four round trips, five
+        times a second per worker, for rows that are nearly always all sent."""
+        if self._mark_engine is None:
+            return True
+        query = select(
+            select(_outbox.c.id)
+            .where(
+                _outbox.c.sent_at.is_(None),
+                _outbox.c.created_at < func.now() - timedelta(seconds=self.stale_after),
+            )
+            .exists()
+        )
+        async with self._mark_engine.connect() as conn:
+            return bool((await conn.execute(query)).scalar())
 
     async def _mark(self, ids: list[int]) -> None:
         mark = (
