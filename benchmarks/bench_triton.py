@@ -369,6 +369,7 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                 row["esper_tuned_host_ms"] = host_ms(functools.partial(step, tuned))
                 plan = json.loads(cf.files["triton/plan.json"])
                 row["tuning"] = plan["meta"]["tuning"]
+                row["tuned_serve"] = plan.get("serve", "schedule")
             graphed.append((row, ref, esper, xs, step))
             # unavoidable traffic: inputs read twice (fwd, bwd) and their grads written,
             # params read twice and grads written, output written, its grad read
@@ -392,7 +393,8 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                   f"{row.get('esper_graphed_ms', float('nan')):6.3f}  host e/E "
                   f"{row['eager_host_ms']:6.3f}/{row['esper_host_ms']:6.3f}  floor "
                   f"{row['floor_ms']:6.3f}  x{row['speedup_vs_eager']:.2f}  "
-                  f"compiles {row['esper_compiles']}  err {row['rel_err_vs_eager']:.1e}",
+                  f"compiles {row['esper_compiles']}  err {row['rel_err_vs_eager']:.1e}"
+                  f"{'  tuned serves ' + row['tuned_serve'] if 'tuned_serve' in row else ''}",
                   flush=True)
             (out / "results.json").write_text(json.dumps(info, indent=1))
     info["hot_load"] = hot_load(shipped, pub)

@@ -43,6 +43,8 @@ def parse_target(target: str) -> tuple[str, int, int]:
 
 def kernel_requests(plan: Plan) -> list[dict[str, Any]]:
     """One compile request per kernel: its signature, alignment, constexprs, options."""
+    if plan.serve == "reference":  # the module runs torch ops: no kernel is launched
+        return []
     out = []
     for g in plan.groups():
         if g.impl != "triton":

@@ -133,7 +133,7 @@ class TritonBackend:
         opts = options.model_dump()
         opts["triton_version"] = build["triton_version"]
         # Validators allow run-to-run rounding differences only where declared.
-        opts["atomic_reductions"] = "tl.atomic_add(" in source
+        opts["atomic_reductions"] = plan.serve != "reference" and "tl.atomic_add(" in source
         return CompiledFiles(files=files, options=opts, timings=timings)
 
     def load(self, manifest: ArtifactManifest, files: Mapping[str, bytes]) -> ModuleFactory:
@@ -148,6 +148,14 @@ class TritonBackend:
         build = json.loads(files[aot.BUILD_FILE])
         source = files[aot.SOURCE_FILE].decode()
         dtype = torch_dtype(manifest.dtype)
+        if plan.serve == "reference":
+            log.info("blueprint %r: tuning measured its torch ops faster than fused kernels; "
+                     "the module runs them", ir.name)
+
+            def reference(device: torch.device | str = "cpu") -> BlueprintModule:
+                return TritonBlueprintModule(ir, plan, None, dtype=dtype, device=device)
+
+            return reference
         requests = aot.kernel_requests(plan)
         kernels: dict[str, Any] | None = None
         pending: list[weakref.ref[Any]] = []

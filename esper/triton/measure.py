@@ -151,16 +151,16 @@ class StepBench:
         self.grads = [torch.randn(o.shape, device="cuda", dtype=dtype, generator=gen)
                       for o in outs]
 
-    def _outputs(self) -> list[torch.Tensor]:
-        out = self.module(*self.inputs)
+    def _outputs(self, module: Any = None) -> list[torch.Tensor]:
+        out = (module or self.module)(*self.inputs)
         return list(out) if isinstance(out, tuple) else [out]
 
-    def step(self) -> None:
+    def step(self, module: Any = None) -> None:
         for t in self.inputs:
             t.grad = None
-        for p in self.module.parameters():
+        for p in (module or self.module).parameters():
             p.grad = None
-        torch.autograd.backward(self._outputs(), self.grads)
+        torch.autograd.backward(self._outputs(module), self.grads)
 
     def __call__(self, plan: Plan) -> dict[str, float]:
         self.module.install(self.compiler.kernels(plan))
@@ -170,6 +170,13 @@ class StepBench:
         except Exception:  # some op refuses capture: the plain step decides anyway
             pass
         return out
+
+    def reference(self) -> dict[str, float]:
+        """The same step through the blueprint's plain torch ops (eager autograd)."""
+        from esper.compile.reference import build_module
+
+        ref = build_module(self.module.ir, device="cuda", dtype=self.module.compute_dtype)
+        return {"step": _bench(lambda: self.step(ref), rep=100)}
 
 
 def measure_and_tune(plan: Plan, ir: BlueprintIR, source: str, cache_dir: Path,
@@ -182,4 +189,5 @@ def measure_and_tune(plan: Plan, ir: BlueprintIR, source: str, cache_dir: Path,
     step = StepBench(ir, plan, dtype, compiler)
     for g in plan.groups():  # torch-only groups still need shapes; start all on triton
         g.impl = "triton"
-    return autotune(plan, lambda g, which, cfg: groups[g.name].time(which, cfg), step, arch)
+    return autotune(plan, lambda g, which, cfg: groups[g.name].time(which, cfg), step, arch,
+                    reference_ms=step.reference)

@@ -56,7 +56,9 @@ class TritonBlueprintModule(BlueprintModule):
         self._symbols: dict[tuple[Any, ...], dict[str, int]] = {}
         self._reference: TorchBlueprintModule | None = None
         self.backend_in_use = "reference"
-        if kernels is not None:
+        # tuning measured the plain torch ops faster: they are this module's kernels
+        self.serves_reference = plan.serve == "reference"
+        if kernels is not None and not self.serves_reference:
             self.install(kernels)
 
     # -- readiness -------------------------------------------------------------
@@ -72,7 +74,7 @@ class TritonBlueprintModule(BlueprintModule):
 
     @property
     def ready(self) -> bool:
-        return self.backend_in_use == "triton"
+        return self.backend_in_use == "triton" or self.serves_reference
 
     def train(self, mode: bool = True) -> TritonBlueprintModule:
         super().train(mode)

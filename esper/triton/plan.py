@@ -91,6 +91,10 @@ class Plan:
     steps: list[TorchStep | FusedStep]
     dtype: str = "float32"
     meta: dict[str, Any] = field(default_factory=dict)
+    # "reference": tuning measured the blueprint's plain torch ops faster than any
+    # plan of fused kernels (a host-bound block around cuDNN/cuBLAS calls); the
+    # module then runs them and the artifact ships no binaries
+    serve: str = "schedule"
 
     def groups(self) -> list[FusedStep]:
         return [s for s in self.steps if isinstance(s, FusedStep)]
@@ -106,7 +110,7 @@ class Plan:
             d["bwd"] = s.bwd.to_json() if s.bwd is not None else None
             steps.append({"type": "fused", **d})
         body = {"version": PLAN_VERSION, "inputs": self.inputs, "outputs": self.outputs,
-                "dtype": self.dtype, "meta": self.meta, "steps": steps}
+                "dtype": self.dtype, "meta": self.meta, "serve": self.serve, "steps": steps}
         return json.dumps(body, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -129,4 +133,4 @@ class Plan:
                 d[k] = KernelConfig(**d[k]) if d[k] is not None else None
             steps.append(FusedStep(**d))
         return cls(inputs=body["inputs"], outputs=body["outputs"], steps=steps,
-                   dtype=body["dtype"], meta=body["meta"])
+                   dtype=body["dtype"], meta=body["meta"], serve=body.get("serve", "schedule"))

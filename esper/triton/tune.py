@@ -95,7 +95,8 @@ TORCH_MARGIN = 0.02  # torch must win by 2% (measurement noise) to replace a ker
 
 
 def autotune(plan: Plan, kernel_ms: KernelTimer, step_ms: StepTimer,
-             arch: int = 90) -> dict[str, Any]:
+             arch: int = 90, reference_ms: Callable[[], dict[str, float]] | None = None
+             ) -> dict[str, Any]:
     """Pick each kernel's fastest config, then each group's faster implementation.
 
     ``kernel_ms(group, "fwd"|"bwd", cfg)``: GPU milliseconds of one launch
@@ -104,7 +105,10 @@ def autotune(plan: Plan, kernel_ms: KernelTimer, step_ms: StepTimer,
     stands, host overhead included (``"step"``, what a trainer without CUDA
     graphs pays; ``"graphed"`` when measured, what one with graphs pays). A
     group goes to torch only when the whole step is faster with it there:
-    per-group timings miss what the rest of the step costs around it."""
+    per-group timings miss what the rest of the step costs around it.
+    ``reference_ms()``: the same step through the blueprint's plain torch ops
+    (eager autograd, no schedule); when it beats the tuned plan by the margin,
+    the plan serves the reference (``plan.serve``)."""
     report: dict[str, Any] = {}
     for g in plan.groups():
         best: dict[str, tuple[float, KernelConfig]] = {}
@@ -133,4 +137,10 @@ def autotune(plan: Plan, kernel_ms: KernelTimer, step_ms: StepTimer,
                       **{f"torch_{k}_ms": v for k, v in on_torch.items()}}
         report[g.name].update(impl=g.impl, **g.measured, fwd_cfg=_cfg(g.fwd_cfg),
                               bwd_cfg=_cfg(g.bwd_cfg))
+    if reference_ms is not None:
+        tuned, ref = step_ms(plan), reference_ms()
+        plan.serve = ("reference" if ref["step"] < tuned["step"] * (1 - TORCH_MARGIN)
+                      else "schedule")
+        report["serve"] = {"choice": plan.serve, "plan_step_ms": tuned["step"],
+                           "reference_step_ms": ref["step"]}
     return report

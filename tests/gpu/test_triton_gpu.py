@@ -202,11 +202,16 @@ def test_tuned_artifact_decides_per_group_on_the_whole_step(tmp_path: Path) -> N
     ir = bundled()["residual_mlp"]
     backend = TritonBackend(tmp_path)
     cf = backend.compile(ir, _target(), CompileOptions(dtype="bfloat16", autotune=True))
-    report = json.loads(cf.files["triton/plan.json"])["meta"]["tuning"]
+    plan = json.loads(cf.files["triton/plan.json"])
+    report = dict(plan["meta"]["tuning"])
+    serve = report.pop("serve")  # the whole plan vs the plain torch ops, timed last
     assert report
     for row in report.values():
         assert row["impl"] in ("triton", "torch")
         assert row["triton_step_ms"] > 0 and row["torch_step_ms"] > 0
+    assert serve["choice"] == plan["serve"] in ("schedule", "reference")
+    assert serve["plan_step_ms"] > 0 and serve["reference_step_ms"] > 0
     module = backend.load(SimpleNamespace(dtype="bfloat16"), cf.files)("cuda")  # type: ignore[arg-type]
-    assert module.backend_in_use == "triton"
+    assert module.ready
+    assert module.backend_in_use == ("triton" if plan["serve"] == "schedule" else "reference")
     _check(module, 4096)

@@ -311,3 +311,43 @@ def test_raw_pointer_launchers_get_addresses_and_cpu_tensors_a_clear_error() -> 
     assert module._schedule is not None
     source = next(iter(module._schedule._programs.values())).source
     assert ".data_ptr()" in source and "_need_cuda(" in source
+
+
+def test_tuning_serves_the_reference_only_when_it_beats_the_tuned_plan() -> None:
+    from esper.triton.backend import build_plan
+    from esper.triton.tune import autotune
+
+    def kernel_ms(g: Any, which: str, cfg: KernelConfig) -> float:
+        return float(cfg.block_r)
+
+    def step_ms(p: Plan) -> dict[str, float]:
+        return {"step": 1.0}
+
+    for ref_ms, want in ((0.9, "reference"), (0.99, "schedule"), (1.2, "schedule")):
+        plan, _ = build_plan(SHARED, "float32")
+        report = autotune(plan, kernel_ms, step_ms, reference_ms=lambda ms=ref_ms: {"step": ms})
+        assert plan.serve == want, (ref_ms, plan.serve)
+        assert report["serve"] == {"choice": want, "plan_step_ms": 1.0, "reference_step_ms": ref_ms}
+        assert Plan.from_json(plan.to_json()).serve == want
+
+
+@pytest.mark.usefixtures("interpret")
+def test_an_artifact_that_serves_the_reference_runs_torch_ops_and_ships_no_kernels() -> None:
+    from types import SimpleNamespace
+
+    from esper.compile.reference import build_module
+    from esper.triton import aot
+    from esper.triton.backend import TritonBackend
+
+    _, files = compile_and_load(SHARED)
+    plan = Plan.from_json(files["triton/plan.json"])
+    plan.serve = "reference"
+    files["triton/plan.json"] = plan.to_json()
+    assert aot.kernel_requests(plan) == []
+    module = TritonBackend().load(SimpleNamespace(dtype="float32"), files)("cpu")  # type: ignore[arg-type]
+    assert module.ready and module.serves_reference and module.backend_in_use == "reference"
+    check_against_float64(module)
+    ref = build_module(module.ir)  # the artifact's canonical IR: its node ids
+    ref.load_state_dict(module.state_dict())
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(module(x), ref(x), rtol=0, atol=0)
