@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.bus import events as ev
 from esper.errors import IRValidationError, Reject
@@ -50,32 +49,6 @@ def _check_blueprint(event: ev.BlueprintSubmitted) -> None:
         raise Reject(f"blueprint hash mismatch: submitted {event.blueprint_hash}, is {actual}")
 
 
-_RECORD = text(
-    """
-    INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
-    SELECT k, :event, s, c, d
-    FROM unnest(CAST(:kernel_ids AS uuid[]), CAST(:statuses AS varchar[]),
-                CAST(:correlation_ids AS varchar[]), CAST(:details AS jsonb[])) AS x(k, s, c, d)
-    """
-)
-
-
-async def _record(
-    session: AsyncSession, event: str, rows: Sequence[tuple[uuid.UUID, str, str, dict[str, Any]]]
-) -> None:
-    """One kernel_events row per (kernel_id, status, correlation_id, detail)."""
-    await session.execute(
-        _RECORD,
-        {
-            "event": event,
-            "kernel_ids": [r[0] for r in rows],
-            "statuses": [r[1] for r in rows],
-            "correlation_ids": [r[2] for r in rows],
-            "details": [json.dumps(r[3]) for r in rows],
-        },
-    )
-
-
 class _PassThrough:
     """A handler whose per-event form is a batch of one."""
 
@@ -92,33 +65,49 @@ class _PassThrough:
         raise NotImplementedError
 
 
-_UPSERT_BLUEPRINTS = text(
+# One statement (one round trip) for the whole batch: upsert the blueprints,
+# insert the new kernels (known ones, cache hits, come back as they are) and
+# record a kernel_events row per (event, target, dtype) in input order. Within a
+# batch only the first claim of a new kernel is a miss. Foreign keys are
+# checked at the end of the statement, so parents and children may share it.
+_COMPILE = text(
     """
-    INSERT INTO blueprints (hash, name, ir, submit_count)
-    SELECT h, n, i, c
-    FROM unnest(CAST(:hashes AS varchar[]), CAST(:names AS varchar[]),
-                CAST(:irs AS jsonb[]), CAST(:counts AS int[])) AS x(h, n, i, c)
-    ON CONFLICT (hash) DO UPDATE
-    SET last_submitted_at = now(), submit_count = blueprints.submit_count + EXCLUDED.submit_count
-    """
-)
-
-# New kernels are inserted; known ones (cache hits) come back as they are.
-_CLAIM_KERNELS = text(
-    """
-    WITH new AS (
+    WITH bp AS (
+        INSERT INTO blueprints (hash, name, ir, submit_count)
+        SELECT h, n, i, c
+        FROM unnest(CAST(:hashes AS varchar[]), CAST(:names AS varchar[]),
+                    CAST(:irs AS jsonb[]), CAST(:counts AS int[])) AS x(h, n, i, c)
+        ON CONFLICT (hash) DO UPDATE
+        SET last_submitted_at = now(),
+            submit_count = blueprints.submit_count + EXCLUDED.submit_count
+    ), new AS (
         INSERT INTO kernels (id, blueprint_hash, cache_key, target, dtype, backend, status)
         SELECT i, h, k, t, d, :backend, 'compiled'
-        FROM unnest(CAST(:ids AS uuid[]), CAST(:hashes AS varchar[]), CAST(:keys AS varchar[]),
-                    CAST(:targets AS varchar[]), CAST(:dtypes AS varchar[])) AS x(i, h, k, t, d)
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:kernel_hashes AS varchar[]),
+                    CAST(:keys AS varchar[]), CAST(:targets AS varchar[]),
+                    CAST(:dtypes AS varchar[])) AS x(i, h, k, t, d)
         ON CONFLICT (cache_key) DO NOTHING
         RETURNING id, cache_key, status
+    ), claimed AS (
+        SELECT id, cache_key, status, true AS created FROM new
+        UNION ALL
+        SELECT id, cache_key, status, false FROM kernels
+        WHERE cache_key = ANY(CAST(:keys AS varchar[]))
+          AND cache_key NOT IN (SELECT cache_key FROM new)
+    ), wanted AS (
+        SELECT w.n, c.id, c.status, w.cid, w.eid,
+               NOT c.created OR row_number() OVER (PARTITION BY w.key ORDER BY w.n) > 1 AS hit
+        FROM unnest(CAST(:wanted_keys AS varchar[]), CAST(:correlation_ids AS varchar[]),
+                    CAST(:event_ids AS varchar[])) WITH ORDINALITY AS w(key, cid, eid, n)
+        JOIN claimed c ON c.cache_key = w.key
+    ), recorded AS (
+        INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
+        SELECT id, 'compiled', status, cid,
+               jsonb_build_object('stage', CAST(:stage AS varchar), 'cache_hit', hit,
+                                  'event_id', eid)
+        FROM wanted ORDER BY n
     )
-    SELECT id, cache_key, status, true AS created FROM new
-    UNION ALL
-    SELECT id, cache_key, status, false FROM kernels
-    WHERE cache_key = ANY(CAST(:keys AS varchar[]))
-      AND cache_key NOT IN (SELECT cache_key FROM new)
+    SELECT n, id, hit FROM wanted ORDER BY n
     """
 )
 
@@ -136,18 +125,8 @@ class CompilePassThrough(_PassThrough):
         started = time.perf_counter()
         for event in events:
             _check_blueprint(event)
-        s = ctx.session
         counts = Counter(e.blueprint_hash for e in events)
         firsts = {e.blueprint_hash: e for e in reversed(events)}
-        await s.execute(
-            _UPSERT_BLUEPRINTS,
-            {
-                "hashes": list(counts),
-                "names": [firsts[h].name for h in counts],
-                "irs": [json.dumps(firsts[h].ir) for h in counts],
-                "counts": list(counts.values()),
-            },
-        )
         wanted = [
             (e, target, dtype, passthrough_cache_key(e.blueprint_hash, target, dtype))
             for e in events
@@ -155,36 +134,38 @@ class CompilePassThrough(_PassThrough):
             for dtype in e.dtypes
         ]
         unique = {key: (e.blueprint_hash, target, dtype) for e, target, dtype, key in wanted}
-        result = await s.execute(
-            _CLAIM_KERNELS,
+        result = await ctx.session.execute(
+            _COMPILE,
             {
+                "hashes": list(counts),
+                "names": [firsts[h].name for h in counts],
+                "irs": [json.dumps(firsts[h].ir) for h in counts],
+                "counts": list(counts.values()),
                 "backend": BACKEND,
                 "ids": [uuid.uuid4() for _ in unique],
-                "hashes": [v[0] for v in unique.values()],
+                "kernel_hashes": [v[0] for v in unique.values()],
                 "keys": list(unique),
                 "targets": [v[1] for v in unique.values()],
                 "dtypes": [v[2] for v in unique.values()],
+                "wanted_keys": [w[3] for w in wanted],
+                "correlation_ids": [w[0].correlation_id for w in wanted],
+                "event_ids": [str(w[0].event_id) for w in wanted],
+                "stage": ctx.stage,
             },
         )
-        kernels = {r.cache_key: r for r in result}
+        claims = {r.n: r for r in result}
+        if len(claims) != len(wanted):  # a kernel neither inserted nor found
+            raise RuntimeError(f"claimed {len(claims)} of {len(wanted)} kernels")
         compile_ms = (time.perf_counter() - started) * 1000 / len(events)
-        created: set[str] = set()
-        records = []
-        for event, target, dtype, key in wanted:
-            k = kernels[key]
-            # Within a batch, only the first claim of a new kernel is a miss.
-            hit = not k.created or key in created
-            created.add(key)
-            detail = {"stage": ctx.stage, "cache_hit": hit, "event_id": str(event.event_id)}
-            records.append((k.id, k.status, event.correlation_id, detail))
+        for n, (event, target, dtype, key) in enumerate(wanted, 1):
+            k = claims[n]
             ctx.emit(
                 ev.KernelCompiled(
                     correlation_id=event.correlation_id, kernel_id=k.id, cache_key=key,
                     blueprint_hash=event.blueprint_hash, target=target, dtype=dtype,
-                    backend=BACKEND, cache_hit=hit, compile_ms=compile_ms,
+                    backend=BACKEND, cache_hit=k.hit, compile_ms=compile_ms,
                 )
             )
-        await _record(s, "compiled", records)
 
 
 _VALIDATE = text(

@@ -11,7 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.bus import events as ev
 from esper.bus.publish import make_submission, publish_event, submit_blueprints
+from esper.db.engine import session_factory
 from esper.errors import IRValidationError, MalformedEvent
+from esper.workers import passthrough
+from esper.workers.handler import HandlerContext
 from tests.integration.runtime_helpers import (
     js_client,
     mlp_blueprint,
@@ -134,3 +137,39 @@ async def test_invalid_blueprints_are_dead_lettered_with_the_ir_reason(
     assert "hash mismatch" in by_id[str(liar.event_id)].reason
     # Nothing of theirs reached the tables a user reads.
     assert await scalar(engine, "SELECT count(*) FROM kernels") == 1
+
+
+async def test_one_compile_batch_claims_each_kernel_once_and_records_in_order(
+    engine: AsyncEngine,
+) -> None:
+    """The pass-through compile's single statement: a blueprint twice in one
+    batch is a miss then a hit; two dtypes are two kernels; one kernel_events
+    row per (event, dtype) in input order."""
+    first = make_submission(mlp_blueprint(7), dtypes=("float32", "bfloat16"))
+    again = make_submission(mlp_blueprint(7))
+    other = make_submission(mlp_blueprint(8))
+    handler = passthrough.compile_handler()
+    async with session_factory(engine)() as session, session.begin():
+        ctx: HandlerContext[ev.BlueprintSubmitted] = HandlerContext(session, [], "compile", 1)
+        await handler.handle_many([first, again, other], ctx)
+    out = [e for e in ctx.emitted if isinstance(e, ev.KernelCompiled)]
+    assert [(e.correlation_id, e.dtype, e.cache_hit) for e in out] == [
+        (first.correlation_id, "float32", False),
+        (first.correlation_id, "bfloat16", False),
+        (again.correlation_id, "float32", True),
+        (other.correlation_id, "float32", False),
+    ]
+    assert out[0].kernel_id == out[2].kernel_id != out[1].kernel_id
+    history = await rows(
+        engine, "SELECT kernel_id, correlation_id, detail FROM kernel_events ORDER BY id"
+    )
+    assert [(h.kernel_id, h.correlation_id) for h in history] == [
+        (e.kernel_id, e.correlation_id) for e in out
+    ]
+    assert [h.detail["cache_hit"] for h in history] == [False, False, True, False]
+    assert history[2].detail == {
+        "stage": "compile", "cache_hit": True, "event_id": str(again.event_id)
+    }
+    assert await scalar(engine, "SELECT count(*) FROM kernels") == 3
+    assert await scalar(engine, "SELECT submit_count FROM blueprints WHERE hash = :h",
+                        h=first.blueprint_hash) == 2
