@@ -2,13 +2,15 @@
 each candidate config of each group kernel on the GPU alone (a CUDA graph of
 several launches, so host overhead, the same for every config, stays out), and
 the WHOLE forward+backward step of the blueprint with a group on its kernels
-vs on torch ops (host overhead in, as a trainer without CUDA graphs pays it;
-also replayed from a CUDA graph, as one with graphs pays it). ``tune.autotune``
+vs on torch ops, and vs the blueprint's plain torch ops, at the validator's
+performance shape (steps back to back as a training loop runs them, host
+overhead in; also replayed from a CUDA graph, as a trainer with graphs pays it). ``tune.autotune``
 decides; the choices ship in the plan."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from esper.ir import BlueprintIR
 from esper.triton import aot
 from esper.triton.plan import FusedStep, KernelConfig, Plan
 from esper.triton.runtime import GroupRunner
-from esper.triton.tune import TUNE_ELEMS, autotune, tune_rows
+from esper.triton.tune import autotune, tune_rows
 
 GRAPH_LAUNCHES = 10
 
@@ -62,17 +64,40 @@ def _shape(shape: Any, symbols: dict[str, int]) -> list[int]:
     return [symbols.get(d, 1) if isinstance(d, str) else int(d) for d in shape]
 
 
+# Whole-step decisions are made at the validator's performance shape (its
+# ``perf_elements``): the first input holds about 4M elements, the k-th other
+# symbol is 16 + k. A block is host-bound or not at the size it is judged at.
+STEP_ELEMS = 1 << 22
+STEP_OTHER = 16
+
+
 def step_symbols(ir: BlueprintIR) -> dict[str, int]:
-    """Symbols for a whole-step timing: the first symbol grows until the largest
-    value of the graph holds about ``TUNE_ELEMS`` elements, the others are 1."""
+    """Symbols for a whole-step timing: the first symbol (the batch) sized so the
+    first input holds about ``STEP_ELEMS`` elements."""
     syms: list[str] = []
     for i in ir.inputs:
         syms.extend(d for d in i.shape if isinstance(d, str) and d not in syms)
-    ones = {s: 1 for s in syms}
-    biggest = max(math.prod(_shape(v.shape, ones)) for v in ir.infer_shapes().values())
+    out = {s: STEP_OTHER + k - 1 for k, s in enumerate(syms) if k}
     if syms:
-        ones[syms[0]] = max(1, TUNE_ELEMS // max(1, biggest))
-    return ones
+        per_row = math.prod(_shape(ir.inputs[0].shape, {**out, syms[0]: 1}))
+        out[syms[0]] = max(1, STEP_ELEMS // max(1, per_row))
+    return out
+
+
+def loop_ms(fn: Callable[[], Any], steps: int = 20, rounds: int = 5) -> float:
+    """Milliseconds per call of ``fn`` called back to back as a training loop calls
+    its step (one sync per round, host and GPU overlapping); best round."""
+    for _ in range(3):
+        fn()
+    best = math.inf
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / steps * 1e3)
+    return best
 
 
 class Compiler:
@@ -164,7 +189,7 @@ class StepBench:
 
     def __call__(self, plan: Plan) -> dict[str, float]:
         self.module.install(self.compiler.kernels(plan))
-        out = {"step": _bench(self.step, rep=100)}
+        out = {"step": loop_ms(self.step)}
         try:
             out["graphed"] = graphed_ms(self.step)
         except Exception:  # some op refuses capture: the plain step decides anyway
@@ -176,7 +201,7 @@ class StepBench:
         from esper.compile.reference import build_module
 
         ref = build_module(self.module.ir, device="cuda", dtype=self.module.compute_dtype)
-        return {"step": _bench(lambda: self.step(ref), rep=100)}
+        return {"step": loop_ms(lambda: self.step(ref))}
 
 
 def measure_and_tune(plan: Plan, ir: BlueprintIR, source: str, cache_dir: Path,
