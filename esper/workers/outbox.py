@@ -14,7 +14,8 @@ fsync: losing a mark costs a harmless re-publish, never an event.
 Fast-path marks are gathered for up to ``mark_delay`` (well under
 ``stale_after``) and written in one statement: at a low event rate one
 autocommit round trip per commit was a fair share of a worker's CPU, and a
-late mark only keeps a row looking unsent a few milliseconds longer."""
+late mark only keeps a row looking unsent a little longer. The default equals
+``poll_interval``, so marks mostly ride on the poll's wake-up."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ class OutboxRelay:
         keep_inbox: timedelta = timedelta(days=7),
         prune_every: float = 600.0,
         mark_engine: AsyncEngine | None = None,
-        mark_delay: float = 0.05,
+        mark_delay: float = 0.2,
         nc: NATS | None = None,
     ) -> None:
         self._sf = session_factory
