@@ -58,8 +58,15 @@ async def serve_stage(
     batch = batch or getattr(handler, "batch", None) or stage.batch
     # No pre-ping: it costs a round trip per transaction, and the runtime already
     # rides out a broken connection (the batch is held and retried).
+    # Custom plans: the runtime's statements are prepared once per connection and
+    # take arrays of any length; a generic plan made while a table was small
+    # (a fresh database, before autovacuum's first ANALYZE) kept scanning the
+    # whole, growing table (benchmarks/RESULTS.md, "Event pipeline").
     engine = create_engine(
-        database_url, pool_size=concurrency + 2, pool_pre_ping=False
+        database_url,
+        pool_size=concurrency + 2,
+        pool_pre_ping=False,
+        connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
     )
     try:
         worker = Worker(
