@@ -137,6 +137,8 @@ class WorkerProcs:
                     cmd += ["--concurrency", str(args.concurrency)]
                 if args.linger_ms is not None:
                     cmd += ["--linger-ms", str(args.linger_ms)]
+                if not args.atomic:
+                    cmd += ["--no-atomic-batches"]
                 port = free_port()
                 self.ports.append(port)
                 env = {**base, "ESPER_METRICS_PORT": str(port)}
@@ -202,6 +204,7 @@ class WorkersInProc:
                 stage, handlers[stage], nats_url=nats_url,
                 session_factory=session_factory(engine), topology=Topology(replicas=replicas),
                 concurrency=args.concurrency or 4, batch=args.batch or 32,
+                atomic_batches=args.atomic,
             )
             self.workers.append(w)
             self.tasks.append(asyncio.create_task(w.run()))
@@ -340,7 +343,7 @@ async def run_point(
         else:
             handle = WorkersInProc(args, ",".join(urls), db_url, topology.replicas)
         await handle.ready()
-        batch_nc = None if args.submit_singly else nc
+        batch_nc = nc if args.atomic else None
         warm, rest = subs[: args.warmup], subs[args.warmup:]
         await throughput(js, watch, warm, quiet=True, nc=batch_nc)
 
@@ -366,6 +369,7 @@ async def run_point(
             "replicas": topology.replicas,
             "processes_per_stage": processes,
             "nats_sync_always": args.sync_always,
+            "atomic_batches": args.atomic,
             "compile_hold_ms": args.compile_hold,
             "events_per_s": round(rate, 1),
             "cpu_ms_per_event": round(cpu_total * 1000 / args.n, 3),
@@ -496,11 +500,16 @@ def cli() -> argparse.Namespace:
     p.add_argument("--linger-ms", type=float,
                    help="workers wait this long for more messages per transaction (default: "
                         "the runtime's)")
-    p.add_argument("--submit-singly", action="store_true",
-                   help="throughput run: publish each submission on its own (no atomic batches)")
+    p.add_argument("--atomic-batches", choices=("auto", "on", "off"), default="auto",
+                   help="submit and relay runs of 8+ events as atomic batches; auto: with "
+                        "--sync-always only (a batch costs ~3 fsyncs, single messages none "
+                        "without it)")
     p.add_argument("--json", type=Path, help="append each result here as one JSON line")
     args = p.parse_args()
     args.processes = [int(x) for x in args.processes.split(",")]
+    args.atomic = args.atomic_batches == "on" or (
+        args.atomic_batches == "auto" and args.sync_always
+    )
     if args.mode == "inproc" and (args.processes != [1] or args.compile_hold):
         p.error("--mode inproc runs one pass-through worker per stage: --processes 1, no hold")
     return args

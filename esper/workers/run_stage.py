@@ -37,6 +37,7 @@ async def serve_stage(
     concurrency: int | None = None,
     batch: int | None = None,
     linger: float | None = None,
+    atomic_batches: bool = True,
     handle_signals: bool = True,
 ) -> None:
     """Build the stage's handler and worker and run it until stopped."""
@@ -80,6 +81,7 @@ async def serve_stage(
             metrics_port=settings.metrics_port,
             handle_signals=handle_signals,
             linger=DEFAULT_LINGER if linger is None else linger,
+            atomic_batches=atomic_batches,
         )
         await worker.run()
     finally:
@@ -98,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="messages per transaction")
     p.add_argument("--linger-ms", type=float,
                    help="wait this long for more messages to share a transaction")
+    p.add_argument("--no-atomic-batches", dest="atomic_batches", action="store_false",
+                   help="publish outbox rows one by one (for a nats-server without "
+                        "sync_interval: always, where a batch's fsyncs cost more)")
     p.add_argument("--replicas", type=int,
                    help="stream replicas (3 in a cluster; default ESPER_STREAM_REPLICAS or 1)")
     p.add_argument("--ack-wait", type=float, default=DeliveryPolicy.ack_wait)
@@ -132,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency=args.concurrency,
             batch=args.batch,
             linger=None if args.linger_ms is None else args.linger_ms / 1000,
+            atomic_batches=args.atomic_batches,
         )
     )
     return 0
