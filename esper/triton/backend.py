@@ -5,10 +5,14 @@ configs (measured when a GPU of the target's arch is present, else heuristic) ->
 emit one kernel source file -> AOT-compile each kernel for the target. Files:
 ``ir.json``, ``kernels/esper_kernels.py``, ``kernels/<kernel>.cubin|json``,
 ``triton/plan.json``, ``triton/build.json`` (Triton version, target, timings).
+When measured, the tuned plan is kept only if its whole step beats the
+blueprint's plain torch ops; otherwise the plan serves those (``plan.serve``)
+and no binaries ship.
 
-load (trainer): same Triton version and GPU arch -> shipped binaries, nothing
-compiled; otherwise a background recompile from the shipped source while the
-module serves the reference implementation."""
+load (trainer): same Triton version and GPU arch -> shipped binaries launched
+without compiling or importing the kernel source; otherwise a background
+recompile from the shipped source while the module serves the reference
+implementation."""
 
 from __future__ import annotations
 
