@@ -143,6 +143,9 @@ def summarise(name: str, dtype: str, target: str, backend: str, *, compile_s: fl
         "per_check_ms": {c.check: c.duration_ms for c in last.checks if c.duration_ms},
         "perf": next((c.figure for c in last.checks if c.check == "performance"), None),
         "memory": next((c.figure for c in last.checks if c.check == "resources"), None),
+        # a tuned Triton artifact may run the blueprint's plain torch ops (measured faster)
+        "serves_torch_ops": any(c.check == "integrity" and c.details.get("serves_reference")
+                                for c in last.checks),
     }
 
 
@@ -150,6 +153,8 @@ def line(row: dict[str, Any]) -> str:
     perf = "-" if row["perf"] is None else f"x{row['perf']:.2f}"
     mem = "-" if row["memory"] is None else f"x{row['memory']:.2f}"
     verdict = "pass" if row["passed"] else "FAIL " + ",".join(row["failures"])
+    if row.get("serves_torch_ops"):
+        verdict += " (torch ops)"
     return (f"| {row['blueprint']} | {row['dtype']} | {row['target']} | {row['backend']} | "
             f"{row['device']} | {verdict} | {row['checks_s']:.3f} | {row['checks_cpu_s']:.3f} | "
             f"{row['wall_s']:.3f} | {perf} | {mem} |")
