@@ -107,7 +107,7 @@ class EsperClient:
         """Validate every blueprint locally (IRValidationError names the first bad
         one, and nothing is published), then publish them all."""
         submissions = [make_submission(b, dtypes=dtypes) for b in blueprints]
-        await submit_events(self.js, submissions)
+        await submit_events(self.js, submissions, nc=self.nc)  # atomic batches, as `submit`
         return submissions
 
     async def history(self, hashes: Sequence[str], after: int = 0) -> list[tuple[int, HistoryRow]]:

@@ -48,9 +48,10 @@ class Supervisor:
     env: dict[str, str]
     grace: float = 30.0
     children: list[_Child] = field(default_factory=list)
+    args: tuple[str, ...] = ()  # added to every worker's run_stage command line
 
     def _spawn(self, stage: str, index: int) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "esper.workers.run_stage", stage]
+        cmd = [sys.executable, "-m", "esper.workers.run_stage", stage, *self.args]
         return subprocess.Popen(cmd, env={**os.environ, **self.env})
 
     def start(self) -> None:

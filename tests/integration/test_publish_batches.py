@@ -86,3 +86,31 @@ async def test_a_stream_without_atomic_batches_still_gets_every_event(bus: str) 
         assert await stored(js, ev.KERNEL_COMPILED) == len(run)
     finally:
         await nc.close()
+
+
+@async_test
+async def test_the_python_client_submits_through_the_batching_path(bus: str, engine) -> None:  # type: ignore[no-untyped-def]
+    """EsperClient.submit publishes as `esper submit` does, through the batching
+    path (it passes its connection): every submission stored once, and the same
+    events published again add nothing."""
+    from pathlib import Path
+
+    import esper
+    from esper.client import EsperClient
+
+    nc = await connect(bus, name="esper-test")
+    client = EsperClient(nc, engine)
+    try:
+        await ensure_streams(client.js, client.topology)
+        files = sorted((Path(esper.__file__).parent / "blueprints").glob("*.json"))
+        blueprints = (files * ATOMIC_MIN)[: ATOMIC_MIN + 2]  # one submission each
+        events = await client.submit(blueprints, dtypes=("float32", "bfloat16"))
+        assert len(events) == len(blueprints)
+        assert await stored(client.js, ev.BLUEPRINT_SUBMITTED) == len(events)
+        from esper.bus.publish import submit_events
+
+        acks = await submit_events(client.js, events, nc=nc)
+        assert all(a.duplicate for a in acks)
+        assert await stored(client.js, ev.BLUEPRINT_SUBMITTED) == len(events)
+    finally:
+        await nc.drain()
