@@ -149,13 +149,17 @@ class EsperClient:
         after = 0
         seen: dict[str, list[HistoryRow]] = {h: [] for h in hashes}
         while True:
+            # Status first, then history: a kernel's status and its lifecycle row are
+            # committed together, so every event that led to a status read here is
+            # in the history read after it (read the other way round, a kernel could
+            # turn ready between the two reads and its "ready" row never be shown).
+            async with self.engine.connect() as conn:
+                kernels = (await conn.execute(KERNELS_SQL, {"hashes": list(hashes)})).all()
             for event_id, row in await self.history(hashes, after):
                 after = max(after, event_id)
                 seen[row.blueprint_hash].append(row)
                 if on_event is not None:
                     on_event(row)
-            async with self.engine.connect() as conn:
-                kernels = (await conn.execute(KERNELS_SQL, {"hashes": list(hashes)})).all()
             status: dict[str, list[str]] = {h: [] for h in hashes}
             for k in kernels:
                 status[k.blueprint_hash].append(k.status)
