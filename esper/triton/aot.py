@@ -236,10 +236,8 @@ class ShippedSource:
     def __init__(self, request: dict[str, Any]) -> None:
         names = list(request["signature"])
         self.fn = _ShippedFn(request["fn"], names)
-        self.name = request["fn"]
         self.signature = dict(request["signature"])
         self.constants = {(names.index(k),): v for k, v in request["constexprs"].items()}
-        self.attrs = {(i,): [["tt.divisibility", 16]] for i in request["aligned"]}
 
 
 def load_binaries(requests: list[dict[str, Any]], files: Mapping[str, bytes],
