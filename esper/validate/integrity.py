@@ -74,10 +74,11 @@ def check_integrity(packed: bytes, public_key: Ed25519PublicKey, expected: Expec
         return r.failed(r.INTEGRITY, f"module computes in {module.compute_dtype}, the "
                         f"manifest says {manifest.dtype}", digest=digest), None
     in_use = getattr(module, "backend_in_use", None)
-    # a tuned artifact may choose the blueprint's plain torch ops (measured faster
-    # on the compile worker's GPU): those ARE its kernels; any other fallback to the
-    # reference means the shipped binaries did not load
-    if in_use == "reference" and not getattr(module, "serves_reference", False):
+    serves_reference = bool(getattr(module, "serves_reference", False))
+    # A module that is not ready serves a fallback, not the artifact's kernels (the
+    # shipped binaries did not load); one whose tuned plan chose the blueprint's
+    # plain torch ops is ready: those are its kernels.
+    if not getattr(module, "ready", True):
         return r.failed(r.INTEGRITY, "the module serves the reference implementation, not "
                         "the artifact's kernels (Triton version or arch mismatch?)",
                         digest=digest), None
@@ -98,4 +99,4 @@ def check_integrity(packed: bytes, public_key: Ed25519PublicKey, expected: Expec
     return r.passed(r.INTEGRITY, "signature, digests and manifest verified; loaded by "
                     "load_artifact", digest=digest, files=len(manifest.files),
                     load_ms=round(load_ms, 3), backend_in_use=in_use,
-                    serves_reference=bool(getattr(module, "serves_reference", False))), subject
+                    serves_reference=serves_reference), subject
