@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import uuid
@@ -67,17 +68,19 @@ async def publish_pipelined(
     without ``allow_atomic``, an event id it already has, too many batches in
     flight) is published again item by item, where JetStream drops the
     duplicates one by one as before; a refusal costs time, never an event."""
+    if nc is None:
+        return await _publish_singly(js, items)
     futures: list[asyncio.Future[PubAck]] = []
     i = 0
     while i < len(items):
-        stream = stream_of(items[i][0]) if nc is not None else None
+        stream = stream_of(items[i][0])
         j = i + 1
         while j < len(items) and j - i < ATOMIC_MAX and stream is not None and (
             stream_of(items[j][0]) == stream
         ):
             j += 1
         run = items[i:j]
-        if nc is not None and stream is not None and len(run) >= ATOMIC_MIN:
+        if stream is not None and len(run) >= ATOMIC_MIN:
             futures += await _publish_atomic(js, nc, run)
         else:
             futures += await _publish_singly(js, run)
@@ -175,8 +178,14 @@ async def _chain_singly(
                 f.set_exception(exc)
         return
     for single, f in zip(singles, futures, strict=True):
-        single.add_done_callback(lambda s, f=f: _copy(s, f))
-        f.add_done_callback(lambda f, s=single: s.cancel() if f.cancelled() else None)
+        single.add_done_callback(functools.partial(_copy, dst=f))
+        f.add_done_callback(functools.partial(_cancel_if_cancelled, single))
+
+
+def _cancel_if_cancelled(src: asyncio.Future[PubAck], dst: asyncio.Future[PubAck]) -> None:
+    """``dst``'s caller stopped waiting: so does its single publication."""
+    if dst.cancelled():
+        src.cancel()
 
 
 def _copy(src: asyncio.Future[PubAck], dst: asyncio.Future[PubAck]) -> None:
