@@ -107,6 +107,12 @@ async def test_the_python_client_submits_through_the_batching_path(bus: str, eng
         events = await client.submit(blueprints, dtypes=("float32", "bfloat16"))
         assert len(events) == len(blueprints)
         assert await stored(client.js, ev.BLUEPRINT_SUBMITTED) == len(events)
+        # the server keeps a batch's headers on what it stored: one batch, all of them
+        stream = stream_of(ev.BLUEPRINT_SUBMITTED)
+        assert stream is not None
+        batches = {(await client.js.get_msg(stream, seq)).headers.get("Nats-Batch-Id")
+                   for seq in range(1, len(events) + 1)}
+        assert len(batches) == 1 and None not in batches, batches
         from esper.bus.publish import submit_events
 
         acks = await submit_events(client.js, events, nc=nc)
