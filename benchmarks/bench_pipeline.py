@@ -263,6 +263,13 @@ async def latency(
     return [(watch.at[c] - t) * 1000 for c, t in sent.items()], offered
 
 
+async def worker_counters(handle: Any) -> dict[str, tuple[float, float]]:
+    """The worker processes' counters (empty for in-process workers: no metrics port)."""
+    if not isinstance(handle, WorkerProcs):
+        return {}
+    return await asyncio.to_thread(handle.counters)
+
+
 def msgs_per_txn(
     before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
 ) -> dict[str, float]:
@@ -355,8 +362,7 @@ async def run_point(
 
         print(f"processes per stage: {processes}; throughput: {args.n} blueprints at once")
         before = {k: part(k) for k in parts}
-        tcounts0 = await asyncio.to_thread(handle.counters) if isinstance(
-            handle, WorkerProcs) else {}
+        tcounts0 = await worker_counters(handle)
         load0, t0, machine0 = os.getloadavg()[0], time.perf_counter(), machine_busy()
         rate = await throughput(js, watch, rest[: args.n], nc=batch_nc)
         wall = time.perf_counter() - t0
@@ -385,9 +391,7 @@ async def run_point(
             "cpus": os.cpu_count(),
         }
         if tcounts0:
-            result["msgs_per_txn"] = msgs_per_txn(
-                tcounts0, await asyncio.to_thread(handle.counters)  # type: ignore[union-attr]
-            )
+            result["msgs_per_txn"] = msgs_per_txn(tcounts0, await worker_counters(handle))
         print(f"  => {rate:.0f} events/s end to end; {result['cpu_ms_per_event']:.2f} CPU-ms "
               f"per event {result['cpu_ms_per_event_by_part']}; cores busy: "
               f"{result['cores_busy']} ours, {result['others_cores_busy']} others'; "
@@ -397,8 +401,7 @@ async def run_point(
             await asyncio.sleep(1.0)
             print(f"latency: {args.rate:.0f} blueprints/s for {args.seconds:.0f}s")
             before = {k: part(k) for k in parts}
-            counts0 = await asyncio.to_thread(handle.counters) if isinstance(
-                handle, WorkerProcs) else {}
+            counts0 = await worker_counters(handle)
             machine0, t0 = machine_busy(), time.perf_counter()
             lat, offered = await latency(js, watch, rest[args.n:], args.rate)
             wall = time.perf_counter() - t0
@@ -422,8 +425,7 @@ async def run_point(
             }
             if counts0:
                 result["latency_msgs_per_txn"] = msgs_per_txn(
-                    counts0, await asyncio.to_thread(handle.counters)  # type: ignore[union-attr]
-                )
+                    counts0, await worker_counters(handle))
             print(f"  => p50 {result['latency_ms_p50']:.1f} / p99 {result['latency_ms_p99']:.1f} / "
                   f"max {result['latency_ms_max']:.1f} ms at {offered:.0f}/s; "
                   f"{result['latency_cpu_ms_per_event']:.2f} CPU-ms per event "
