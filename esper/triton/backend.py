@@ -65,10 +65,13 @@ def build_plan(ir: BlueprintIR, dtype: str, arch: int = 90) -> tuple[Plan, str]:
     for g in plan.groups():
         g.bwd = backward_program(g.fwd)
         skip = aliases(g.bwd)
+        # another output that IS this grad (``relu(x + y)``: one tensor for both
+        # operands) must not receive the other consumer's grad added in-kernel
+        shared = {k for kind, k in skip.values() if kind == "out"}
         # a stored full grad of a value read elsewhere too: add the other grad in-kernel
         g.bwd_acc = [j for j, i in enumerate(g.inputs)
                      if i.param is None and i.kind == "full" and uses.get(i.value, 0) > 1
-                     and j not in skip]
+                     and j not in skip and j not in shared]
     apply_heuristics(plan, arch)
     return plan, plan_source(plan)
 

@@ -59,6 +59,26 @@ RESIDUAL_RELU = _ir([_x("x", ["B", 8]), _x("w", [8, 8])], [
     {"id": "out", "op": "add", "inputs": ["x", "r"]}], ["out"])
 
 
+# found by hypothesis: relu(x0 + x1)'s backward stores one grad for both operands,
+# and x0 also feeds a later group; adding that group's grad for x0 in-kernel
+# leaked it into x1's grad, the same tensor
+SHARED_GRAD = _ir([_x("x0", ["B", 4]), _x("x1", ["B", 4])], [
+    {"id": "n0", "op": "add", "inputs": ["x1", "x0"]},
+    {"id": "n1", "op": "relu", "inputs": ["x0"]},
+    {"id": "n2", "op": "relu", "inputs": ["n0"]}], ["n1", "n2"])
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_grad_shared_by_two_operands_takes_no_other_consumers_grad(dtype: str) -> None:
+    factory, files = compile_and_load(SHARED_GRAD, dtype)
+    plan = Plan.from_json(files["triton/plan.json"])
+    both = next(g for g in plan.groups() if len(g.inputs) == 2)
+    assert both.bwd_acc == []
+    for batch in (1, 3):
+        check_against_float64(factory("cpu"), batch=batch)
+
+
 @pytest.mark.usefixtures("interpret")
 def test_torch_steps_of_every_kind_match_float64() -> None:
     factory, files = compile_and_load(TORCH_STEPS)
