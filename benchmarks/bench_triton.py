@@ -121,22 +121,31 @@ def build(out: Path, triton_python: str | None) -> None:
     for name in [*CASES, *(f"bundled_{n}" for n in extra)]:
         for dtype in DTYPES:
             ir = case_ir(name) if name in CASES else extra[name.removeprefix("bundled_")]
-            extra_opts = {"triton_python": triton_python} if triton_python else {}
-            start = time.perf_counter()
-            cf = backend.compile(ir, "cuda:sm_90",
-                                 CompileOptions(dtype=dtype, autotune=False, extra=extra_opts))
-            wall = time.perf_counter() - start
-            build_info = json.loads(cf.files["triton/build.json"])
-            art = Artifact.build(cache_key="0" * 64, blueprint_hash=ir.canonical_hash(),
-                                 target="cuda:sm_90", dtype=dtype, backend="triton",
-                                 versions={"triton": build_info["triton_version"]},
-                                 options=cf.options, files=cf.files)
-            (out / f"{name}-{dtype}.esper").write_bytes(art.pack(priv))
-            times[f"{name}-{dtype}"] = {"wall_s": wall, **cf.timings,
-                                        "triton": build_info["triton_version"],
-                                        "kernels": len(build_info["kernels"])}
-            print(f"{name:24s} {dtype:9s} compiled in {wall:5.2f} s "
-                  f"({len(build_info['kernels'])} kernels, triton {build_info['triton_version']})")
+            variants: list[tuple[str, dict[str, str]]] = [("", {})]
+            while variants:
+                suffix, serve = variants.pop(0)
+                extra_opts = {"triton_python": triton_python} if triton_python else {}
+                start = time.perf_counter()
+                cf = backend.compile(ir, "cuda:sm_90", CompileOptions(
+                    dtype=dtype, autotune=False, extra={**extra_opts, **serve}))
+                wall = time.perf_counter() - start
+                build_info = json.loads(cf.files["triton/build.json"])
+                plan = json.loads(cf.files["triton/plan.json"])
+                art = Artifact.build(cache_key="0" * 64, blueprint_hash=ir.canonical_hash(),
+                                     target="cuda:sm_90", dtype=dtype, backend="triton",
+                                     versions={"triton": build_info["triton_version"]},
+                                     options=cf.options, files=cf.files)
+                key = f"{name}-{dtype}{suffix}"
+                (out / f"{key}.esper").write_bytes(art.pack(priv))
+                times[key] = {"wall_s": wall, **cf.timings, "serve": plan["serve"],
+                              "triton": build_info["triton_version"],
+                              "kernels": len(build_info["kernels"])}
+                print(f"{key:32s} compiled in {wall:5.2f} s ({len(build_info['kernels'])} "
+                      f"kernels, serves {plan['serve']}, triton {build_info['triton_version']})")
+                if not suffix and plan["serve"] == "reference" and name in CASES:
+                    # the fused plan too, measured beside the torch ops it was predicted
+                    # to lose to
+                    variants.append(("-fused", {"serve": "schedule"}))
     (out / "compile_times.json").write_text(json.dumps(times, indent=1))
 
 
@@ -203,6 +212,25 @@ def loop_ms(fn: Any, n: int = 100, rounds: int = 5) -> float:
     """A training loop's view: ``n`` steps back to back, one sync at the end (the
     host and the GPU overlap as they would in a trainer), median of ``rounds``."""
     return _per_step_ms(fn, n, rounds, device_done=True)
+
+
+def _fused_note(row: dict[str, Any]) -> str:
+    if "fused_ms" not in row:
+        return ""
+    return f"  fused (not served) {row['fused_ms']:.3f} / loop {row['fused_loop_ms']:.3f}"
+
+
+def paired(fns: dict[str, Any], measure: Any, rounds: int = 3) -> dict[str, float]:
+    """Each of ``fns`` measured ``rounds`` times, interleaved with the others (the
+    order rotating), best of each: a drift of the host during a row reaches every
+    side alike instead of deciding the comparison (host-bound rows moved by ±10%
+    from one measurement of the same module to the next)."""
+    best = {k: math.inf for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            best[k] = min(best[k], measure(fns[k]))
+    return best
 
 
 def host_costs(shipped: Path, pub: Any) -> dict[str, float]:
@@ -316,7 +344,8 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
             before = counter.count
             art = unpack_verified(packed, pub)
             esper = TritonBackend().load(art.manifest, art.files)("cuda")
-            assert esper.backend_in_use == "triton", "shipped binaries not used"
+            assert esper.ready, "shipped binaries not used"
+            row["serves"] = "reference" if esper.serves_reference else "schedule"
             ref = build_module(esper.ir, device="cuda", dtype=dtype)
             ref.load_state_dict(esper.state_dict())
             xs = case_inputs(name, dtype)
@@ -333,10 +362,19 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
             ye = ref(*xs).detach()
             y = y.detach()
             row["rel_err_vs_eager"] = float((y.float() - ye.float()).norm() / ye.float().norm())
-            row["eager_ms"] = _bench(functools.partial(step, ref))
-            row["esper_ms"] = _bench(functools.partial(step, esper))
-            row["eager_loop_ms"] = loop_ms(functools.partial(step, ref))
-            row["esper_loop_ms"] = loop_ms(functools.partial(step, esper))
+            sides = {"eager": functools.partial(step, ref), "esper": functools.partial(step, esper)}
+            fused_path = shipped / f"{key}-fused.esper"
+            if fused_path.exists():  # the fused plan this artifact was predicted to lose with
+                fart = unpack_verified(fused_path.read_bytes(), pub)
+                fused = TritonBackend().load(fart.manifest, fart.files)("cuda")
+                assert fused.backend_in_use == "triton"
+                fused.load_state_dict(esper.state_dict())
+                sides["fused"] = functools.partial(step, fused)
+                step(fused)
+            for side, ms in paired(sides, _bench).items():
+                row[f"{side}_ms"] = ms
+            for side, ms in paired(sides, functools.partial(loop_ms, rounds=3)).items():
+                row[f"{side}_loop_ms"] = ms
             row["eager_host_ms"] = host_ms(functools.partial(step, ref))
             row["esper_host_ms"] = host_ms(functools.partial(step, esper))
             if tune:
@@ -352,13 +390,15 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                     yt = tuned(*xs).float()
                 row["tuned_rel_err_vs_eager"] = float((yt - ye.float()).norm()
                                                       / ye.float().norm())
-                row["esper_tuned_ms"] = _bench(functools.partial(step, tuned))
                 row["esper_tuned_host_ms"] = host_ms(functools.partial(step, tuned))
-                row["esper_tuned_loop_ms"] = loop_ms(functools.partial(step, tuned))
                 # eager again, in the state tuning left the process in (allocator,
-                # caches): the tuned figures' own baseline
-                row["eager_after_tune_ms"] = _bench(functools.partial(step, ref))
-                row["eager_after_tune_loop_ms"] = loop_ms(functools.partial(step, ref))
+                # caches), interleaved with the tuned module: its own baseline
+                pair = {"eager_after_tune": functools.partial(step, ref),
+                        "esper_tuned": functools.partial(step, tuned)}
+                for side, ms in paired(pair, _bench).items():
+                    row[f"{side}_ms"] = ms
+                for side, ms in paired(pair, functools.partial(loop_ms, rounds=3)).items():
+                    row[f"{side}_loop_ms"] = ms
                 plan = json.loads(cf.files["triton/plan.json"])
                 row["tuning"] = plan["meta"]["tuning"]
                 row["tuned_serve"] = plan.get("serve", "schedule")
@@ -402,7 +442,10 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                   f"{row.get('esper_graphed_ms', float('nan')):6.3f}  host e/E "
                   f"{row['eager_host_ms']:6.3f}/{row['esper_host_ms']:6.3f}  floor "
                   f"{row['floor_ms']:6.3f}  x{row['speedup_vs_eager']:.2f}  "
-                  f"compiles {row['esper_compiles']}  err {row['rel_err_vs_eager']:.1e}"
+                  f"compiles {row['esper_compiles']}  err {row['rel_err_vs_eager']:.1e}  "
+                  f"serves {row['serves']}  loop e/E {row['eager_loop_ms']:.3f}/"
+                  f"{row['esper_loop_ms']:.3f}"
+                  f"{_fused_note(row)}"
                   f"{'  tuned serves ' + row['tuned_serve'] if 'tuned_serve' in row else ''}",
                   flush=True)
             (out / "results.json").write_text(json.dumps(info, indent=1))
@@ -503,7 +546,11 @@ def summary(info: dict[str, Any]) -> None:
         lines.append("training-loop view (100 steps back to back, one sync), ms/step: "
                      "| case | eager | torch.compile | Esper | x eager | x compile |")
         for k, r in lp:
-            lines.append(f"| {k} | {r['eager_loop_ms']:.3f} | "
+            if "fused_loop_ms" in r:
+                lines.append(f"| {k}, fused plan (not served) | {r['eager_loop_ms']:.3f} | | "
+                             f"{r['fused_loop_ms']:.3f} | "
+                             f"{r['eager_loop_ms'] / r['fused_loop_ms']:.2f} | |")
+            lines.append(f"| {k} ({r.get('serves', 'schedule')}) | {r['eager_loop_ms']:.3f} | "
                          f"{r.get('compile_loop_ms', math.nan):.3f} | {r['esper_loop_ms']:.3f} | "
                          f"{r['eager_loop_ms'] / r['esper_loop_ms']:.2f} | "
                          f"{r.get('compile_loop_ms', math.nan) / r['esper_loop_ms']:.2f} |")

@@ -7,7 +7,8 @@ emit one kernel source file -> AOT-compile each kernel for the target. Files:
 ``triton/plan.json``, ``triton/build.json`` (Triton version, target, timings).
 When measured, the tuned plan is kept only if its whole step beats the
 blueprint's plain torch ops; otherwise the plan serves those (``plan.serve``)
-and no binaries ship.
+and no binaries ship. Unmeasured, ``esper.triton.serve`` predicts that choice;
+``CompileOptions.extra["serve"]`` fixes it.
 
 load (trainer): same Triton version and GPU arch -> shipped binaries launched
 without compiling or importing the kernel source; otherwise a background
@@ -35,6 +36,7 @@ from esper.triton.codegen import emit_module
 from esper.triton.derivatives import backward_program
 from esper.triton.plan import Plan, TorchStep
 from esper.triton.runtime import aliases, stored
+from esper.triton.serve import predicted_serve
 from esper.triton.tiles import TileProgram
 from esper.triton.tune import apply_heuristics
 
@@ -112,14 +114,22 @@ class TritonBackend:
         ir_bytes = optimize(ir).canonical_json().encode()
         optimised = BlueprintIR.from_json(ir_bytes)
         t1 = time.perf_counter()
+        forced = options.extra.get("serve")
+        if forced not in (None, "schedule", "reference"):
+            raise CompileError(f"compile option extra.serve={forced!r}: expected 'schedule' "
+                               "or 'reference'")
         arch = aot.parse_target(target)[1]
         plan, source = build_plan(optimised, options.dtype, arch)
+        plan.serve = forced or predicted_serve(plan)
         t2 = time.perf_counter()
-        report: dict[str, Any] = {}
-        if options.autotune and aot.local_target() == target and not _interpreting():
+        report: dict[str, Any] = {"predicted_serve": predicted_serve(plan)}
+        measure = options.autotune and aot.local_target() == target and not _interpreting()
+        if measure and forced != "reference":
             from esper.triton.measure import measure_and_tune
 
-            report = measure_and_tune(plan, optimised, source, self.cache_dir, arch)
+            plan.serve = forced or "schedule"
+            report.update(measure_and_tune(plan, optimised, source, self.cache_dir, arch,
+                                           decide_serve=forced is None))
             source = plan_source(plan)  # groups now on torch drop their kernels
         t3 = time.perf_counter()
         files: dict[str, bytes] = {IR_FILE: ir_bytes,
@@ -156,8 +166,9 @@ class TritonBackend:
         source = files[aot.SOURCE_FILE].decode()
         dtype = torch_dtype(manifest.dtype)
         if plan.serve == "reference":
-            log.info("blueprint %r: tuning measured its torch ops faster than fused kernels; "
-                     "the module runs them", ir.name)
+            log.info("blueprint %r: its torch ops were %s faster than fused kernels; the "
+                     "module runs them", ir.name,
+                     "measured" if plan.meta.get("tuning", {}).get("serve") else "predicted")
 
             def reference(device: torch.device | str = "cpu") -> BlueprintModule:
                 return TritonBlueprintModule(ir, plan, None, dtype=dtype, device=device)

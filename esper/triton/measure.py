@@ -22,6 +22,7 @@ from esper.ir import BlueprintIR
 from esper.triton import aot
 from esper.triton.plan import FusedStep, KernelConfig, Plan
 from esper.triton.runtime import GroupRunner
+from esper.triton.serve import margin
 from esper.triton.tune import autotune, tune_rows
 
 GRAPH_LAUNCHES = 10
@@ -209,8 +210,10 @@ class StepBench:
 
 
 def measure_and_tune(plan: Plan, ir: BlueprintIR, source: str, cache_dir: Path,
-                     arch: int) -> dict[str, Any]:
-    """Tune ``plan`` in place on the local GPU; returns the measurement report."""
+                     arch: int, *, decide_serve: bool = True) -> dict[str, Any]:
+    """Tune ``plan`` in place on the local GPU; returns the measurement report.
+    ``decide_serve``: also time the plan against the blueprint's torch ops and set
+    ``plan.serve`` (False: the caller fixed it)."""
     module = aot.import_source(source, cache_dir / "src")
     dtype = torch_dtype(plan.dtype)
     compiler = Compiler(module, plan.dtype, f"cuda:sm_{arch}")
@@ -219,4 +222,5 @@ def measure_and_tune(plan: Plan, ir: BlueprintIR, source: str, cache_dir: Path,
     for g in plan.groups():  # torch-only groups still need shapes; start all on triton
         g.impl = "triton"
     return autotune(plan, lambda g, which, cfg: groups[g.name].time(which, cfg), step, arch,
-                    reference_ms=step.reference)
+                    reference_ms=step.reference if decide_serve else None,
+                    serve_margin=margin(plan))

@@ -56,7 +56,7 @@ class TritonBlueprintModule(BlueprintModule):
         self._symbols: dict[tuple[Any, ...], dict[str, int]] = {}
         self._reference: TorchBlueprintModule | None = None
         self.backend_in_use = "reference"
-        # tuning measured the plain torch ops faster: they are this module's kernels
+        # the plain torch ops were measured or predicted faster: they are this module's kernels
         self.serves_reference = plan.serve == "reference"
         if kernels is not None and not self.serves_reference:
             self.install(kernels)

@@ -91,9 +91,10 @@ class Plan:
     steps: list[TorchStep | FusedStep]
     dtype: str = "float32"
     meta: dict[str, Any] = field(default_factory=dict)
-    # "reference": tuning measured the blueprint's plain torch ops faster than any
-    # plan of fused kernels (a host-bound block around cuDNN/cuBLAS calls); the
-    # module then runs them and the artifact ships no binaries
+    # "reference": the blueprint's plain torch ops were measured (tuning) or
+    # predicted (``esper.triton.serve``) faster than any plan of fused kernels (a
+    # host-bound block around cuDNN/cuBLAS calls); the module then runs them and
+    # the artifact ships no binaries
     serve: str = "schedule"
 
     def groups(self) -> list[FusedStep]:

@@ -96,8 +96,8 @@ SERVE_ROUNDS = 2
 
 
 def autotune(plan: Plan, kernel_ms: KernelTimer, step_ms: StepTimer,
-             arch: int = 90, reference_ms: Callable[[], dict[str, float]] | None = None
-             ) -> dict[str, Any]:
+             arch: int = 90, reference_ms: Callable[[], dict[str, float]] | None = None,
+             *, serve_margin: float = TORCH_MARGIN) -> dict[str, Any]:
     """Pick each kernel's fastest config, then each group's faster implementation.
 
     ``kernel_ms(group, "fwd"|"bwd", cfg)``: GPU milliseconds of one launch
@@ -109,7 +109,8 @@ def autotune(plan: Plan, kernel_ms: KernelTimer, step_ms: StepTimer,
     per-group timings miss what the rest of the step costs around it.
     ``reference_ms()``: the same step through the blueprint's plain torch ops
     (eager autograd, no schedule); unless the tuned plan beats it by the margin,
-    the plan serves the reference (``plan.serve``)."""
+    the plan serves the reference (``plan.serve``). ``serve_margin``: by how much
+    (``esper.triton.serve.margin``: more where no win was predicted)."""
     report: dict[str, Any] = {}
     for g in plan.groups():
         best: dict[str, tuple[float, KernelConfig]] = {}
@@ -147,7 +148,7 @@ def autotune(plan: Plan, kernel_ms: KernelTimer, step_ms: StepTimer,
             ref = min(ref, reference_ms()["step"])
         # the fused plan must earn its place (memory, a Python backward): a tie keeps
         # the torch ops the validator will compare it with
-        plan.serve = "schedule" if tuned < ref * (1 - TORCH_MARGIN) else "reference"
+        plan.serve = "schedule" if tuned < ref * (1 - serve_margin) else "reference"
         report["serve"] = {"choice": plan.serve, "plan_step_ms": tuned,
-                           "reference_step_ms": ref}
+                           "reference_step_ms": ref, "margin": serve_margin}
     return report

@@ -40,12 +40,17 @@ def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(JITFunction, "__call__", device_call)
 
 
-def compile_and_load(ir: BlueprintIR, dtype: str = "float32") -> tuple[Any, dict[str, bytes]]:
+def compile_and_load(ir: BlueprintIR, dtype: str = "float32", serve: str | None = "schedule"
+                     ) -> tuple[Any, dict[str, bytes]]:
+    """Compile without binaries and load. ``serve``: the plan's choice, fixed to the
+    fused kernels by default (these tests exist to run them); None: predicted."""
     from esper.triton.backend import TritonBackend
 
     be = TritonBackend()
-    cf = be.compile(ir, "cuda:sm_90",
-                    CompileOptions(dtype=dtype, autotune=False, extra={"binaries": False}))
+    extra: dict[str, Any] = {"binaries": False}
+    if serve is not None:
+        extra["serve"] = serve
+    cf = be.compile(ir, "cuda:sm_90", CompileOptions(dtype=dtype, autotune=False, extra=extra))
     factory = be.load(SimpleNamespace(dtype=dtype), cf.files)  # type: ignore[arg-type]
     return factory, dict(cf.files)
 
