@@ -220,7 +220,7 @@ def _fused_note(row: dict[str, Any]) -> str:
     return f"  fused (not served) {row['fused_ms']:.3f} / loop {row['fused_loop_ms']:.3f}"
 
 
-def paired(fns: dict[str, Any], measure: Any, rounds: int = 3) -> dict[str, float]:
+def paired(fns: dict[str, Any], measure: Any, rounds: int = 6) -> dict[str, float]:
     """Each of ``fns`` measured ``rounds`` times, interleaved with the others (the
     order rotating), best of each: a drift of the host during a row reaches every
     side alike instead of deciding the comparison (host-bound rows moved by ±10%
@@ -362,7 +362,13 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
             ye = ref(*xs).detach()
             y = y.detach()
             row["rel_err_vs_eager"] = float((y.float() - ye.float()).norm() / ye.float().norm())
-            sides = {"eager": functools.partial(step, ref), "esper": functools.partial(step, esper)}
+            # a second eager module, built the same way: how far apart two
+            # measurements of identical work land on this host (the noise floor)
+            ref2 = build_module(esper.ir, device="cuda", dtype=dtype)
+            ref2.load_state_dict(esper.state_dict())
+            step(ref2)
+            sides = {"eager": functools.partial(step, ref), "esper": functools.partial(step, esper),
+                     "eager_again": functools.partial(step, ref2)}
             fused_path = shipped / f"{key}-fused.esper"
             if fused_path.exists():  # the fused plan this artifact was predicted to lose with
                 fart = unpack_verified(fused_path.read_bytes(), pub)
@@ -373,8 +379,9 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                 step(fused)
             for side, ms in paired(sides, _bench).items():
                 row[f"{side}_ms"] = ms
-            for side, ms in paired(sides, functools.partial(loop_ms, rounds=3)).items():
+            for side, ms in paired(sides, functools.partial(loop_ms, rounds=2)).items():
                 row[f"{side}_loop_ms"] = ms
+            del sides["eager_again"], ref2
             row["eager_host_ms"] = host_ms(functools.partial(step, ref))
             row["esper_host_ms"] = host_ms(functools.partial(step, esper))
             if tune:
@@ -397,7 +404,7 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                         "esper_tuned": functools.partial(step, tuned)}
                 for side, ms in paired(pair, _bench).items():
                     row[f"{side}_ms"] = ms
-                for side, ms in paired(pair, functools.partial(loop_ms, rounds=3)).items():
+                for side, ms in paired(pair, functools.partial(loop_ms, rounds=2)).items():
                     row[f"{side}_loop_ms"] = ms
                 plan = json.loads(cf.files["triton/plan.json"])
                 row["tuning"] = plan["meta"]["tuning"]
@@ -444,8 +451,8 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                   f"{row['floor_ms']:6.3f}  x{row['speedup_vs_eager']:.2f}  "
                   f"compiles {row['esper_compiles']}  err {row['rel_err_vs_eager']:.1e}  "
                   f"serves {row['serves']}  loop e/E {row['eager_loop_ms']:.3f}/"
-                  f"{row['esper_loop_ms']:.3f}"
-                  f"{_fused_note(row)}"
+                  f"{row['esper_loop_ms']:.3f}  eager again {row['eager_again_ms']:.3f} / loop "
+                  f"{row['eager_again_loop_ms']:.3f}{_fused_note(row)}"
                   f"{'  tuned serves ' + row['tuned_serve'] if 'tuned_serve' in row else ''}",
                   flush=True)
             (out / "results.json").write_text(json.dumps(info, indent=1))
@@ -536,6 +543,13 @@ def summary(info: dict[str, Any]) -> None:
     slow = [k for k, r in rows.items() if r["speedup_vs_eager"] < 0.97]
     lines.append(f"geomean x eager, shipped configs only {geos:.2f}; rows >3% slower than "
                  f"eager: {len(slow)}/{len(rows)} {slow}")
+    noise = [max(r["eager_again_ms"] / r["eager_ms"], r["eager_ms"] / r["eager_again_ms"],
+                 r["eager_again_loop_ms"] / r["eager_loop_ms"],
+                 r["eager_loop_ms"] / r["eager_again_loop_ms"])
+             for r in rows.values() if "eager_again_ms" in r]
+    if noise:
+        lines.append(f"two identical eager modules, measured the same way: up to "
+                     f"{max(noise) - 1:.1%} apart (median row {statistics.median(noise) - 1:.1%})")
     spg = [r["eager_graphed_ms"] / r["esper_graphed_ms"] for r in rows.values()
            if "eager_graphed_ms" in r and "esper_graphed_ms" in r]
     if spg:
