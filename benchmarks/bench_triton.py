@@ -310,7 +310,7 @@ def _flops(name: str) -> float:
     return 0.0
 
 
-def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
+def run(shipped: Path, out: Path, tune: bool, only: list[str] | None, rounds: int = 6) -> None:
     import torch
     import triton
 
@@ -377,9 +377,9 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                 fused.load_state_dict(esper.state_dict())
                 sides["fused"] = functools.partial(step, fused)
                 step(fused)
-            for side, ms in paired(sides, _bench).items():
+            for side, ms in paired(sides, _bench, rounds).items():
                 row[f"{side}_ms"] = ms
-            for side, ms in paired(sides, functools.partial(loop_ms, rounds=2)).items():
+            for side, ms in paired(sides, functools.partial(loop_ms, rounds=2), rounds).items():
                 row[f"{side}_loop_ms"] = ms
             del sides["eager_again"], ref2
             row["eager_host_ms"] = host_ms(functools.partial(step, ref))
@@ -402,9 +402,9 @@ def run(shipped: Path, out: Path, tune: bool, only: list[str] | None) -> None:
                 # caches), interleaved with the tuned module: its own baseline
                 pair = {"eager_after_tune": functools.partial(step, ref),
                         "esper_tuned": functools.partial(step, tuned)}
-                for side, ms in paired(pair, _bench).items():
+                for side, ms in paired(pair, _bench, rounds).items():
                     row[f"{side}_ms"] = ms
-                for side, ms in paired(pair, functools.partial(loop_ms, rounds=2)).items():
+                for side, ms in paired(pair, functools.partial(loop_ms, rounds=2), rounds).items():
                     row[f"{side}_loop_ms"] = ms
                 plan = json.loads(cf.files["triton/plan.json"])
                 row["tuning"] = plan["meta"]["tuning"]
@@ -733,6 +733,8 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--tune", action="store_true")
     r.add_argument("--only", nargs="*")
+    r.add_argument("--rounds", type=int, default=6,
+                   help="interleaved measurement rounds per side (best of)")
     pr = sub.add_parser("profile")
     pr.add_argument("--shipped", type=Path, required=True)
     pr.add_argument("--out", type=Path, required=True)
@@ -746,7 +748,7 @@ def main() -> None:
     elif args.cmd == "profile":
         profile(args.shipped, args.out, args.cases)
     else:
-        run(args.shipped, args.out, args.tune, args.only)
+        run(args.shipped, args.out, args.tune, args.only, args.rounds)
 
 
 if __name__ == "__main__":
