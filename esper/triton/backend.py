@@ -155,7 +155,7 @@ class TritonBackend:
 
     def load(self, manifest: ArtifactManifest, files: Mapping[str, bytes]) -> ModuleFactory:
         from esper.compile.dtypes import torch_dtype
-        from esper.triton.module import TritonBlueprintModule
+        from esper.triton.module import ServedTorchOpsModule, TritonBlueprintModule
 
         for f in (IR_FILE, aot.SOURCE_FILE, aot.PLAN_FILE, aot.BUILD_FILE):
             if f not in files:
@@ -171,7 +171,7 @@ class TritonBackend:
                      "measured" if plan.meta.get("tuning", {}).get("serve") else "predicted")
 
             def reference(device: torch.device | str = "cpu") -> BlueprintModule:
-                return TritonBlueprintModule(ir, plan, None, dtype=dtype, device=device)
+                return ServedTorchOpsModule(ir, plan, dtype=dtype, device=device)
 
             return reference
         requests = aot.kernel_requests(plan)

@@ -39,6 +39,20 @@ Kernels = dict[str, Launcher]
 Op = IRNodeType
 
 
+class ServedTorchOpsModule(TorchBlueprintModule):
+    """A Triton artifact whose plan serves the blueprint's torch ops: the reference
+    module itself, so a step costs what eager's does and nothing more (no wrapper
+    call, no schedule). It is ready by design: those ops are its kernels."""
+
+    ready = True
+    serves_reference = True
+    backend_in_use = "reference"
+
+    def __init__(self, ir: BlueprintIR, plan: Plan, **kwargs: Any) -> None:
+        super().__init__(ir, **kwargs)
+        self.plan = plan
+
+
 class TritonBlueprintModule(BlueprintModule):
     """Runs a Triton plan; checkpoints are interchangeable with the torch backend's."""
 

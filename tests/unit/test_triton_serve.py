@@ -68,3 +68,25 @@ def test_compile_records_the_prediction_and_honours_a_fixed_choice() -> None:
 def test_an_unknown_serve_choice_is_refused_by_name() -> None:
     with pytest.raises(CompileError, match=r"extra\.serve='fused'"):
         _compile(CHAIN, serve="fused")
+
+
+def test_a_module_serving_torch_ops_is_the_reference_module_with_the_same_checkpoint() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from esper.compile.reference import TorchBlueprintModule, build_module
+
+    conv = bundled()["conv_block"]
+    be = TritonBackend()
+    served = be.load(SimpleNamespace(dtype="float32"), _compile(conv))("cpu")  # type: ignore[arg-type]
+    fused = be.load(SimpleNamespace(dtype="float32"), _compile(conv, serve="schedule"))("cpu")  # type: ignore[arg-type]
+    # no wrapper around the torch ops: a step costs what eager's costs
+    assert isinstance(served, TorchBlueprintModule)
+    assert served.ready and served.serves_reference and served.backend_in_use == "reference"
+    assert served.state_dict().keys() == fused.state_dict().keys()
+    served.load_state_dict(fused.state_dict())
+    ref = build_module(served.ir)
+    ref.load_state_dict(served.state_dict())
+    x = torch.randn(2, 64, 32, 32)
+    torch.testing.assert_close(served(x), ref(x), rtol=0, atol=0)
