@@ -54,7 +54,11 @@ class ServedTorchOpsModule(TorchBlueprintModule):
 
 
 class TritonBlueprintModule(BlueprintModule):
-    """Runs a Triton plan; checkpoints are interchangeable with the torch backend's."""
+    """Runs a Triton plan; checkpoints are interchangeable with the torch backend's.
+    A plan that serves torch ops loads as ``ServedTorchOpsModule`` instead, so this
+    module runs the reference only while its kernels are not installed."""
+
+    serves_reference = False
 
     def __init__(self, ir: BlueprintIR, plan: Plan, kernels: Kernels | None,
                  **kwargs: Any) -> None:
@@ -70,9 +74,7 @@ class TritonBlueprintModule(BlueprintModule):
         self._symbols: dict[tuple[Any, ...], dict[str, int]] = {}
         self._reference: TorchBlueprintModule | None = None
         self.backend_in_use = "reference"
-        # the plain torch ops were measured or predicted faster: they are this module's kernels
-        self.serves_reference = plan.serve == "reference"
-        if kernels is not None and not self.serves_reference:
+        if kernels is not None:
             self.install(kernels)
 
     # -- readiness -------------------------------------------------------------
@@ -88,7 +90,7 @@ class TritonBlueprintModule(BlueprintModule):
 
     @property
     def ready(self) -> bool:
-        return self.backend_in_use == "triton" or self.serves_reference
+        return self.backend_in_use == "triton"
 
     def train(self, mode: bool = True) -> TritonBlueprintModule:
         super().train(mode)

@@ -76,8 +76,8 @@ def check_integrity(packed: bytes, public_key: Ed25519PublicKey, expected: Expec
     in_use = getattr(module, "backend_in_use", None)
     serves_reference = bool(getattr(module, "serves_reference", False))
     # A module that is not ready serves a fallback, not the artifact's kernels (the
-    # shipped binaries did not load); one whose tuned plan chose the blueprint's
-    # plain torch ops is ready: those are its kernels.
+    # shipped binaries did not load); one whose plan chose the blueprint's plain
+    # torch ops is ready: those are its kernels.
     if not getattr(module, "ready", True):
         return r.failed(r.INTEGRITY, "the module serves the reference implementation, not "
                         "the artifact's kernels (Triton version or arch mismatch?)",
