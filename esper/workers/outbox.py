@@ -134,6 +134,15 @@ class OutboxRelay:
         self.batch = batch
         self.poll_interval = poll_interval
         self.stale_after = stale_after
+        # asked five times a second: built once
+        self._any_stale = select(
+            select(_outbox.c.id)
+            .where(
+                _outbox.c.sent_at.is_(None),
+                _outbox.c.created_at < func.now() - timedelta(seconds=stale_after),
+            )
+            .exists()
+        )
         self.publish_timeout = publish_timeout
         self._metrics = metrics
         self._keep_sent = keep_sent
@@ -232,16 +241,8 @@ class OutboxRelay:
         times a second per worker, for rows that are nearly always all sent."""
         if self._mark_engine is None:
             return True
-        query = select(
-            select(_outbox.c.id)
-            .where(
-                _outbox.c.sent_at.is_(None),
-                _outbox.c.created_at < func.now() - timedelta(seconds=self.stale_after),
-            )
-            .exists()
-        )
         async with self._mark_engine.connect() as conn:
-            return bool((await conn.execute(query)).scalar())
+            return bool((await conn.execute(self._any_stale)).scalar())
 
     async def _mark(self, ids: list[int]) -> None:
         mark = (
