@@ -8,7 +8,10 @@ second half (steady state) is printed, with the time before the forward's
 first line and between forward and backward (the autograd function's own).
 
     python benchmarks/bench_triton_lines.py --shipped .triton-shipped \\
-        conv_block-float32 conv_block-bfloat16
+        conv_block-float32-fused conv_block-bfloat16-fused
+
+(an artifact that serves torch ops has no generated code: name the fused plan
+``bench_triton.py build`` writes beside it, ``KEY-fused``)
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ def lines(shipped: Path, key: str, steps: int = 300) -> None:
     from esper.compile.reference import build_module
     from esper.triton.backend import TritonBackend
 
-    name, dtype_name = key.rsplit("-", 1)
+    # KEY-fused: the fused plan built beside an artifact that serves torch ops
+    name, dtype_name = key.removesuffix("-fused").rsplit("-", 1)
     dtype = getattr(torch, dtype_name)
     art = unpack_verified((shipped / f"{key}.esper").read_bytes(),
                           load_public_key(shipped / "pub.pem"))
@@ -77,7 +81,8 @@ def lines(shipped: Path, key: str, steps: int = 300) -> None:
         print(f"{key}: {n} steps back to back, ms/step: eager "
               f"{burst_ms(ref, xs, g, n):.3f}, Esper {burst_ms(esper, xs, g, n):.3f}", flush=True)
     sched = esper._schedule
-    assert sched is not None, "the artifact serves torch ops: nothing generated to profile"
+    assert sched is not None, (f"{key} serves torch ops: nothing generated to profile "
+                               f"(its fused plan: {key}-fused)")
     params = [esper.params._parameters[k] for k in esper._pkeys]
     prog = sched.program(tuple(t.requires_grad for t in (*xs, *params)))
     glb = prog.forward.__globals__
