@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,11 @@ from esper.errors import IRValidationError
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+# How many messages of one subject a publisher sent together (one transaction's
+# outbox rows): a consumer that has the first can wait the moment it takes for
+# the rest to be stored and delivered, and handle them in one transaction
+# instead of splitting the group again (esper.workers.runtime).
+BURST_HEADER = "Esper-Burst"
 
 # A run of at least ATOMIC_MIN messages bound for one stream is published as
 # one atomic batch (nats-server 2.12+, streams with ``allow_atomic``). With
@@ -56,11 +62,26 @@ async def publish_event(
     )
 
 
+def burst_size(msg: Msg) -> int:
+    """The ``Esper-Burst`` a message was published with (1 if none or garbled)."""
+    value = msg.headers.get(BURST_HEADER) if msg.headers else None
+    try:
+        return max(1, int(value)) if value else 1
+    except ValueError:
+        return 1
+
+
 async def publish_pipelined(
-    js: JetStreamContext, items: Sequence[PublishItem], *, nc: NATS | None = None
+    js: JetStreamContext,
+    items: Sequence[PublishItem],
+    *,
+    nc: NATS | None = None,
+    burst: bool = False,
 ) -> list[asyncio.Future[PubAck]]:
     """Start publishing ``items`` in order (``Nats-Msg-Id`` = event_id); one
     future per item, resolved with the stream's ack or failed with why.
+    ``burst``: tag each single message with how many of ``items`` share its
+    subject (``Esper-Burst``), for the consumer to keep them together.
 
     With ``nc`` (the connection under ``js``), each run of ``ATOMIC_MIN`` or
     more consecutive items bound for one Esper stream goes as one atomic batch:
@@ -68,8 +89,9 @@ async def publish_pipelined(
     without ``allow_atomic``, an event id it already has, too many batches in
     flight) is published again item by item, where JetStream drops the
     duplicates one by one as before; a refusal costs time, never an event."""
+    bursts = Counter(subject for subject, _, _ in items) if burst else None
     if nc is None:
-        return await _publish_singly(js, items)
+        return await _publish_singly(js, items, bursts)
     futures: list[asyncio.Future[PubAck]] = []
     i = 0
     while i < len(items):
@@ -83,18 +105,21 @@ async def publish_pipelined(
         if stream is not None and len(run) >= ATOMIC_MIN:
             futures += await _publish_atomic(js, nc, run)
         else:
-            futures += await _publish_singly(js, run)
+            futures += await _publish_singly(js, run, bursts)
         i = j
     return futures
 
 
 async def _publish_singly(
-    js: JetStreamContext, items: Sequence[PublishItem]
+    js: JetStreamContext, items: Sequence[PublishItem], bursts: Counter[str] | None = None
 ) -> list[asyncio.Future[PubAck]]:
-    return [
-        await js.publish_async(subject, payload, headers=msg_headers(event_id))
-        for subject, payload, event_id in items
-    ]
+    futures = []
+    for subject, payload, event_id in items:
+        headers = msg_headers(event_id)
+        if bursts is not None and bursts[subject] > 1:
+            headers[BURST_HEADER] = str(bursts[subject])
+        futures.append(await js.publish_async(subject, payload, headers=headers))
+    return futures
 
 
 # Fallback publications still running (a task must be referenced to be kept).

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -19,6 +20,35 @@ from nats.aio.subscription import Subscription
 log = logging.getLogger(__name__)
 
 _PENDING_MSGS = "Nats-Pending-Messages"
+
+
+class GapEstimate:
+    """Seconds between arrivals, smoothed over about the last ``1 / weight``
+    of them. A gap of ``quiet`` seconds or more means the traffic stopped:
+    the estimate starts again from the next gap (infinite until then), and a
+    silence longer than the estimate stands in for it."""
+
+    def __init__(self, quiet: float = 1.0, weight: float = 0.05) -> None:
+        self.quiet = quiet
+        self.weight = weight
+        self._gap: float | None = None
+        self._last: float | None = None
+
+    def arrived(self, now: float) -> None:
+        if self._last is not None:
+            gap = now - self._last
+            if gap >= self.quiet:
+                self._gap = None
+            elif self._gap is None:
+                self._gap = gap
+            else:
+                self._gap += self.weight * (gap - self._gap)
+        self._last = now
+
+    def mean(self, now: float) -> float:
+        if self._gap is None or self._last is None:
+            return math.inf
+        return max(self._gap, now - self._last)
 
 
 class PullConsumer:
@@ -52,6 +82,7 @@ class PullConsumer:
         self._inbox = ""
         self._ticker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
+        self.gaps = GapEstimate()  # between messages arriving (by the loop's clock)
 
     @property
     def in_hand(self) -> int:
@@ -112,6 +143,7 @@ class PullConsumer:
             self._outstanding = max(0, self._outstanding - 1)
             self._in_hand += 1
             self.queue.put_nowait(msg)
+            self.gaps.arrived(asyncio.get_running_loop().time())
         elif status == "100":
             return  # idle heartbeat
         else:

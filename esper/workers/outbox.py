@@ -166,7 +166,8 @@ class OutboxRelay:
         if not rows:
             return
         try:
-            self._inflight += await self._start(rows)
+            # One transaction's rows: tagged as a burst for the next stage.
+            self._inflight += await self._start(rows, burst=True)
         except Exception as exc:  # disconnected, stalled: the poll path will send them
             log.info("outbox fast path skipped: %s", exc)
         self._wake.set()
@@ -301,9 +302,11 @@ class OutboxRelay:
         """Publish pipelined (async acks); the ids of rows the stream acked."""
         return await self._collect(await self._start(rows))
 
-    async def _start(self, rows: Sequence[OutboxRow]) -> list[tuple[OutboxRow, Any]]:
+    async def _start(
+        self, rows: Sequence[OutboxRow], *, burst: bool = False
+    ) -> list[tuple[OutboxRow, Any]]:
         items = [(r.subject, r.payload, r.event_id) for r in rows]
-        futures = await publish_pipelined(self._js, items, nc=self._nc)
+        futures = await publish_pipelined(self._js, items, nc=self._nc, burst=burst)
         return list(zip(rows, futures, strict=True))
 
     async def _collect(self, pairs: Sequence[tuple[OutboxRow, Any]]) -> list[int]:

@@ -11,6 +11,10 @@ skipped), run the handler, write the events it emitted to the outbox; commit;
 only then ack, and hand the new outbox rows to the relay. Messages are taken
 in groups of up to ``batch``, one transaction per group, ``concurrency``
 groups at a time: one commit (and one fsync) per group instead of per message.
+A group is what is queued, plus the rest of its first message's burst (one
+upstream transaction's events, tagged by the relay), plus, with ``linger``
+while the arrival rate makes it likely to pay, what arrives meanwhile: so the
+groups formed at the head of a pipeline travel through every later stage whole.
 
 Failures: a handler's Retry or transient error rolls the group back and naks
 that message with a delay (others run again without it); a Reject or bad
@@ -24,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import time
 import uuid
@@ -37,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from esper.bus import events as ev
 from esper.bus.connect import connect
+from esper.bus.publish import burst_size
 from esper.bus.pull import PullConsumer
 from esper.bus.topology import Topology, consumer_spec, ensure_topology
 from esper.errors import Retry
@@ -52,8 +58,16 @@ __all__ = ["DEFAULT_LINGER", "Handler", "HandlerContext", "Worker"]
 
 # Seconds a group waits for company after its first message (when the batch
 # allows more than one): at low rates a transaction per message is most of a
-# message's CPU (see benchmarks/RESULTS.md, "Event pipeline").
+# message's CPU (see benchmarks/RESULTS.md, "Event pipeline"). A group only
+# lingers while the arrival rate makes company within the linger more likely
+# than not (for Poisson arrivals: a mean gap under linger / ln 2); below that
+# rate the wait is latency bought for little.
 DEFAULT_LINGER = 0.006
+_LN2 = math.log(2)
+# The longest a group waits for the rest of a burst (see esper.bus.publish,
+# BURST_HEADER): the publisher sent them together, so they normally follow
+# within a millisecond or two (one store, and one fsync, each).
+DEFAULT_BURST_WAIT = 0.005
 
 
 @dataclass(eq=False)
@@ -110,6 +124,7 @@ class Worker:
         name: str | None = None,
         linger: float = DEFAULT_LINGER,
         atomic_batches: bool = True,
+        burst_wait: float = DEFAULT_BURST_WAIT,
     ) -> None:
         self.spec = consumer_spec(stage)
         self.stage = stage
@@ -118,6 +133,7 @@ class Worker:
         self.concurrency = concurrency
         self.batch = batch
         self.linger = linger
+        self.burst_wait = burst_wait
         # The relay publishes runs of rows as atomic batches (esper.bus.publish):
         # a gain where nats-server fsyncs every message (sync_interval: always),
         # a loss where it does not (a batch costs ~3 fsyncs regardless).
@@ -229,7 +245,7 @@ class Worker:
     # -- processing ----------------------------------------------------------
     async def _process_loop(self, puller: PullConsumer) -> None:
         while True:
-            group = await self._take_group(puller.queue)
+            group = await self._take_group(puller)
             if group is None:
                 return
             try:
@@ -242,25 +258,35 @@ class Worker:
                     self._processing.pop(id(m), None)
                 puller.release(len(group))
 
-    async def _take_group(self, queue: asyncio.Queue[Msg | None]) -> list[Msg] | None:
-        """Up to ``batch`` messages: the first to arrive, whatever is queued, and
-        (with ``linger``) what arrives within ``linger`` seconds of the first, so
-        messages close together share one transaction and one commit. None: stop."""
+    async def _take_group(self, puller: PullConsumer) -> list[Msg] | None:
+        """Up to ``batch`` messages: the first to arrive, whatever is queued,
+        the rest of the first's burst (the messages its publisher sent with it,
+        waited for up to ``burst_wait``) and, with ``linger`` while the arrival
+        rate makes company likely, what arrives within ``linger`` seconds of
+        the first: messages close together share one transaction and one
+        commit. None: stop."""
+        queue = puller.queue
         async with self._gather:
             first = await queue.get()
             if first is None:
                 return None
             group = [first]
             self._processing[id(first)] = first  # heartbeats cover it from now on
-            deadline = asyncio.get_running_loop().time() + self.linger
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            linger = self.linger if puller.gaps.mean(now) * _LN2 < self.linger else 0.0
+            lingering = now + linger
+            burst = min(burst_size(first), self.batch)
+            burst_until = max(lingering, now + self.burst_wait)
             while len(group) < self.batch:
                 if not queue.empty():
                     nxt = queue.get_nowait()
-                elif self.linger <= 0:
-                    break
                 else:
+                    until = burst_until if len(group) < burst else lingering
+                    if until <= loop.time():
+                        break
                     try:
-                        async with asyncio.timeout_at(deadline):
+                        async with asyncio.timeout_at(until):
                             nxt = await queue.get()
                     except TimeoutError:
                         break

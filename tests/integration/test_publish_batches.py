@@ -9,10 +9,11 @@ import asyncio
 import uuid
 
 import pytest
+from nats.aio.msg import Msg
 
 from esper.bus import events as ev
 from esper.bus.connect import connect
-from esper.bus.publish import ATOMIC_MIN, PublishItem, publish_pipelined
+from esper.bus.publish import ATOMIC_MIN, PublishItem, burst_size, publish_pipelined
 from esper.bus.topology import Topology, ensure_streams, stream_of
 
 pytestmark = pytest.mark.integration
@@ -120,3 +121,30 @@ async def test_the_python_client_submits_through_the_batching_path(bus: str, eng
         assert await stored(client.js, ev.BLUEPRINT_SUBMITTED) == len(events)
     finally:
         await nc.drain()
+
+
+@async_test
+async def test_a_burst_tags_each_message_with_how_many_share_its_subject(bus: str) -> None:
+    nc = await connect(bus, name="esper-test")
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, Topology())
+        seen: list[tuple[str, int]] = []
+
+        async def record(msg: Msg) -> None:
+            seen.append((msg.subject, burst_size(msg)))
+
+        for subject in (ev.KERNEL_RETIRED, ev.KERNEL_REJECTED):
+            await nc.subscribe(subject, cb=record)
+        burst = items(3, ev.KERNEL_RETIRED) + items(1, ev.KERNEL_REJECTED)
+        await settle(await publish_pipelined(js, burst, nc=nc, burst=True))
+        await settle(await publish_pipelined(js, items(2, ev.KERNEL_RETIRED), nc=nc))
+        for _ in range(100):
+            if len(seen) == 6:
+                break
+            await asyncio.sleep(0.05)
+        assert seen == (
+            [(ev.KERNEL_RETIRED, 3)] * 3 + [(ev.KERNEL_REJECTED, 1)] + [(ev.KERNEL_RETIRED, 1)] * 2
+        )
+    finally:
+        await nc.close()

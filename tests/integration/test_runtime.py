@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from esper.bus import events as ev
-from esper.bus.publish import msg_headers, publish_event
+from esper.bus.publish import BURST_HEADER, msg_headers, publish_event
 from esper.bus.topology import DeliveryPolicy, Topology, ensure_topology
 from esper.errors import Reject, Retry
 from esper.workers.runtime import HandlerContext
@@ -130,6 +130,53 @@ async def test_messages_arriving_within_the_linger_share_one_transaction(
         assert await effects(engine) == {f"k{i}": 1 for i in range(10)}
         sent = "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
         await wait_for(lambda: _eq(scalar(engine, sent), 10), 15, "10 outbox rows published")
+
+
+async def test_a_message_after_a_quiet_spell_is_not_held_for_the_linger(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    """Lingering only pays while messages come closer together than the
+    linger; a lone message goes at once."""
+    handler = Recorder()
+    async with (
+        running_worker("validate", bus, database_url, handler, linger=5.0) as worker,
+        js_client(bus) as js,
+    ):
+        started = time.monotonic()
+        await publish_event(js, compiled(1))
+
+        async def done() -> bool:
+            return worker.metrics.value("esper_worker_processed_total") == 1
+
+        await wait_for(done, 15, "the event processed")
+        assert time.monotonic() - started < 4.0  # a held message would take 5 s
+        assert await effects(engine) == {"k1": 1}
+
+
+async def test_a_burst_from_one_transaction_is_handled_in_one(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    """No linger, messages 50 ms apart: only their Esper-Burst tag (what a
+    relay sets on one transaction's rows) keeps them in one transaction."""
+    handler = Recorder()
+    async with (
+        running_worker(
+            "validate", bus, database_url, handler, concurrency=2, linger=0.0, burst_wait=2.0
+        ) as worker,
+        js_client(bus) as js,
+    ):
+        for i in range(5):
+            event = compiled(200 + i)
+            headers = {**msg_headers(event.event_id), BURST_HEADER: "5"}
+            await js.publish(event.subject, ev.encode(event), headers=headers)
+            await asyncio.sleep(0.05)
+
+        async def done() -> bool:
+            return worker.metrics.value("esper_worker_processed_total") == 5
+
+        await wait_for(done, 15, "5 events processed")
+        assert worker.metrics.value("esper_worker_transactions_total") == 1
+        assert await effects(engine) == {f"k{200 + i}": 1 for i in range(5)}
 
 
 async def _eq(value: Any, expected: Any) -> bool:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Any
 
 from nats.aio.msg import Msg
 
-from esper.bus.pull import PullConsumer
+from esper.bus.pull import GapEstimate, PullConsumer
 
 
 class RecordingClient:
@@ -131,3 +132,35 @@ async def test_stop_waits_for_outstanding_requests_to_end() -> None:
     assert pull.outstanding == 0
     assert pull.queue.qsize() == 1
     assert len(nc.requests) == 1  # nothing asked for after stop
+
+
+def test_gap_estimate_follows_the_arrival_rate_and_forgets_stopped_traffic() -> None:
+    gaps = GapEstimate(quiet=1.0, weight=0.05)
+    assert gaps.mean(0.0) == math.inf  # nothing seen: no traffic
+    gaps.arrived(10.0)
+    assert gaps.mean(10.0) == math.inf  # one message is not traffic yet
+    t = 10.0
+    for _ in range(200):  # 200 messages/s
+        t += 0.005
+        gaps.arrived(t)
+    assert abs(gaps.mean(t) - 0.005) < 1e-6
+    # A silence longer than the estimate stands in for it...
+    assert abs(gaps.mean(t + 0.1) - 0.1) < 1e-9
+    # ...and a gap of "quiet" or more starts the estimate again.
+    gaps.arrived(t + 1.5)
+    assert gaps.mean(t + 1.5) == math.inf
+    gaps.arrived(t + 1.52)
+    assert abs(gaps.mean(t + 1.52) - 0.02) < 1e-9
+
+
+async def test_pull_consumer_times_arrivals() -> None:
+    nc = RecordingClient()
+    pull = PullConsumer(nc, "S", "c", max_in_hand=8, expires=0.25)  # type: ignore[arg-type]
+    await pull.start()
+    loop = asyncio.get_running_loop()
+    assert pull.gaps.mean(loop.time()) == math.inf
+    for i in range(40):
+        await nc.cb(message(i))
+        await asyncio.sleep(0.002)
+    assert pull.gaps.mean(loop.time()) < 0.5  # about 2 ms on an idle machine
+    await pull.stop()
