@@ -135,8 +135,8 @@ class WorkerProcs:
                     cmd += ["--batch", str(args.batch)]
                 if args.concurrency:
                     cmd += ["--concurrency", str(args.concurrency)]
-                if args.linger_ms is not None:
-                    cmd += ["--linger-ms", str(args.linger_ms)]
+                if stage in args.linger_ms:
+                    cmd += ["--linger-ms", str(args.linger_ms[stage])]
                 if not args.atomic:
                     cmd += ["--no-atomic-batches"]
                 port = free_port()
@@ -418,6 +418,8 @@ async def run_point(
                 "latency_others_cores_busy": round(max(0.0, machine - cpu_total) / wall, 2),
                 "latency_rate_offered": round(offered, 1),
                 "latency_ms_p50": round(pct(lat, 0.50), 2),
+                "latency_ms_p90": round(pct(lat, 0.90), 2),
+                "latency_ms_p95": round(pct(lat, 0.95), 2),
                 "latency_ms_p99": round(pct(lat, 0.99), 2),
                 "latency_ms_max": round(max(lat), 2),
                 "latency_ms_mean": round(statistics.fmean(lat), 2),
@@ -426,7 +428,8 @@ async def run_point(
             if counts0:
                 result["latency_msgs_per_txn"] = msgs_per_txn(
                     counts0, await worker_counters(handle))
-            print(f"  => p50 {result['latency_ms_p50']:.1f} / p99 {result['latency_ms_p99']:.1f} / "
+            print(f"  => p50 {result['latency_ms_p50']:.1f} / p90 {result['latency_ms_p90']:.1f} / "
+                  f"p95 {result['latency_ms_p95']:.1f} / p99 {result['latency_ms_p99']:.1f} / "
                   f"max {result['latency_ms_max']:.1f} ms at {offered:.0f}/s; "
                   f"{result['latency_cpu_ms_per_event']:.2f} CPU-ms per event "
                   f"{result['latency_cpu_ms_per_event_by_part']}; cores busy: "
@@ -481,6 +484,19 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def linger_ms(text: str) -> dict[str, float]:
+    """``6`` (every stage) or ``compile=12,validate=0`` (those stages)."""
+    if "=" not in text:
+        return dict.fromkeys(STAGES, float(text))
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        stage, _, ms = part.partition("=")
+        if stage not in STAGES:
+            raise argparse.ArgumentTypeError(f"unknown stage {stage!r} (one of {STAGES})")
+        out[stage] = float(ms)
+    return out
+
+
 def cli() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=3000, help="blueprints in the throughput run")
@@ -499,9 +515,9 @@ def cli() -> argparse.Namespace:
                    help="compile handlers wait MS per message (a compile waiting on its child)")
     p.add_argument("--batch", type=int, help="messages per transaction (stage default)")
     p.add_argument("--concurrency", type=int, help="transactions at once (stage default)")
-    p.add_argument("--linger-ms", type=float,
-                   help="workers wait this long for more messages per transaction (default: "
-                        "the runtime's)")
+    p.add_argument("--linger-ms", type=linger_ms, default={},
+                   help="workers wait this long for more messages per transaction: MS for "
+                        "every stage, or STAGE=MS,... (default: the runtime's)")
     p.add_argument("--atomic-batches", choices=("auto", "on", "off"), default="auto",
                    help="submit and relay runs of 8+ events as atomic batches; auto: with "
                         "--sync-always only (a batch costs ~3 fsyncs, single messages none "
