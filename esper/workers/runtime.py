@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import signal
 import time
 import uuid
@@ -59,11 +58,11 @@ __all__ = ["DEFAULT_LINGER", "Handler", "HandlerContext", "Worker"]
 # Seconds a group waits for company after its first message (when the batch
 # allows more than one): at low rates a transaction per message is most of a
 # message's CPU (see benchmarks/RESULTS.md, "Event pipeline"). A group only
-# lingers while the arrival rate makes company within the linger more likely
-# than not (for Poisson arrivals: a mean gap under linger / ln 2); below that
-# rate the wait is latency bought for little.
+# lingers while the arrival rate brings it at least _MIN_COMPANY more messages
+# on average (rate * linger, from the smoothed gap between arrivals): below
+# that the wait buys little CPU and costs every message in the group latency.
 DEFAULT_LINGER = 0.006
-_LN2 = math.log(2)
+_MIN_COMPANY = 1.5
 # The longest a group waits for the rest of a burst (see esper.bus.publish,
 # BURST_HEADER): the publisher sent them together, so they normally follow
 # within a millisecond or two (one store, and one fsync, each).
@@ -262,9 +261,9 @@ class Worker:
         """Up to ``batch`` messages: the first to arrive, whatever is queued,
         the rest of the first's burst (the messages its publisher sent with it,
         waited for up to ``burst_wait``) and, with ``linger`` while the arrival
-        rate makes company likely, what arrives within ``linger`` seconds of
-        the first: messages close together share one transaction and one
-        commit. None: stop."""
+        rate promises company, what arrives within ``linger`` seconds of the
+        first: messages close together share one transaction and one commit.
+        None: stop."""
         queue = puller.queue
         async with self._gather:
             first = await queue.get()
@@ -274,7 +273,7 @@ class Worker:
             self._processing[id(first)] = first  # heartbeats cover it from now on
             loop = asyncio.get_running_loop()
             now = loop.time()
-            linger = self.linger if puller.gaps.mean(now) * _LN2 < self.linger else 0.0
+            linger = self.linger if puller.gaps.mean(now) * _MIN_COMPANY < self.linger else 0.0
             lingering = now + linger
             burst = min(burst_size(first), self.batch)
             burst_until = max(lingering, now + self.burst_wait)
