@@ -345,6 +345,12 @@ async def run_point(
         n_latency = int(args.rate * args.seconds)
         total = args.warmup + args.n + n_latency
         subs = [make_submission(blueprint(offset + i)) for i in range(total)]
+        # This process holds thousands of prepared submissions that no real
+        # submitter would: left to the collector, each full collection of them
+        # (65 ms on an idle core) stalled the watcher and showed up as
+        # pipeline latency. Freeze them, as run_stage freezes a worker's start-up.
+        gc.collect()
+        gc.freeze()
         if args.mode == "procs":
             handle = WorkerProcs(args, processes, ",".join(urls), db_url, topology.replicas)
         else:
@@ -398,6 +404,8 @@ async def run_point(
               f"load {load0:.1f} -> {load1:.1f}; messages per transaction: "
               f"{result.get('msgs_per_txn')}")
         if n_latency:
+            gc.collect()  # the throughput run's garbage, not in the latency run
+            gc.freeze()
             await asyncio.sleep(1.0)
             print(f"latency: {args.rate:.0f} blueprints/s for {args.seconds:.0f}s")
             before = {k: part(k) for k in parts}
