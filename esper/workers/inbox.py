@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import cast
 
-import asyncpg
-from sqlalchemy import Table, delete, func, select
+from sqlalchemy import Table, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.db.models import InboxEntry
@@ -18,27 +17,31 @@ from esper.db.models import InboxEntry
 _inbox = cast(Table, InboxEntry.__table__)
 
 
-# One statement for any batch size (arrays, not a VALUES list): prepared once
-# per connection. The runtime sends it on the transaction's asyncpg connection
-# (esper.workers.txn), hence asyncpg's $n placeholders.
-CLAIM_SQL = """
+# One statement for any batch size (arrays, not a VALUES list): prepared once.
+_CLAIM = text(
+    """
     INSERT INTO inbox (stage, event_id, subject)
-    SELECT $1, e, s FROM unnest($2::uuid[], $3::varchar[]) AS x(e, s)
+    SELECT :stage, e, s
+    FROM unnest(CAST(:event_ids AS uuid[]), CAST(:subjects AS varchar[])) AS x(e, s)
     ON CONFLICT (stage, event_id) DO NOTHING
     RETURNING event_id
-"""
+    """
+)
 
 
 async def claim(
-    conn: asyncpg.Connection, stage: str, events: Sequence[tuple[uuid.UUID, str]]
+    session: AsyncSession, stage: str, events: Sequence[tuple[uuid.UUID, str]]
 ) -> set[uuid.UUID]:
-    """Insert inbox rows for ``(event_id, subject)`` pairs in ``conn``'s open
-    transaction; returns the ids that were new (those the stage must handle).
-    A row another transaction holds uncommitted makes this wait for it."""
+    """Insert inbox rows for ``(event_id, subject)`` pairs; returns the ids that
+    were new (those the stage must handle)."""
     if not events:
         return set()
-    rows = await conn.fetch(CLAIM_SQL, stage, [e for e, _ in events], [s for _, s in events])
-    return {r[0] for r in rows}
+    params = {
+        "stage": stage,
+        "event_ids": [e for e, _ in events],
+        "subjects": [s for _, s in events],
+    }
+    return set((await session.execute(_CLAIM, params)).scalars())
 
 
 async def prune(session: AsyncSession, older_than: timedelta) -> int:
