@@ -80,7 +80,9 @@ async def serve_stage(
             topology=topology,
             metrics_port=settings.metrics_port,
             handle_signals=handle_signals,
-            linger=_linger(linger, handler),
+            # The command line's, else the handler's own (a stage that takes
+            # bursts from the one before it needs none), else the runtime's.
+            linger=linger if linger is not None else getattr(handler, "linger", DEFAULT_LINGER),
             atomic_batches=atomic_batches,
         )
         await worker.run()
@@ -89,15 +91,6 @@ async def serve_stage(
         if close is not None:
             await close()
         await engine.dispose()
-
-
-def _linger(given: float | None, handler: Handler) -> float:
-    """The command line's, else the handler's own (a stage that receives
-    bursts from the one before it needs none), else the runtime's default."""
-    if given is not None:
-        return given
-    declared = getattr(handler, "linger", None)
-    return DEFAULT_LINGER if declared is None else float(declared)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from esper.bus import events as ev
 from esper.bus.connect import connect
 from esper.bus.publish import ATOMIC_MIN, PublishItem, burst_size, publish_pipelined
 from esper.bus.topology import Topology, ensure_streams, stream_of
+from tests.integration.runtime_helpers import wait_for
 
 pytestmark = pytest.mark.integration
 async_test = pytest.mark.asyncio(loop_scope="session")
@@ -139,10 +140,11 @@ async def test_a_burst_tags_each_message_with_how_many_share_its_subject(bus: st
         burst = items(3, ev.KERNEL_RETIRED) + items(1, ev.KERNEL_REJECTED)
         await settle(await publish_pipelined(js, burst, nc=nc, burst=True))
         await settle(await publish_pipelined(js, items(2, ev.KERNEL_RETIRED), nc=nc))
-        for _ in range(100):
-            if len(seen) == 6:
-                break
-            await asyncio.sleep(0.05)
+
+        async def all_seen() -> bool:
+            return len(seen) == 6
+
+        await wait_for(all_seen, 5, "6 messages delivered")
         assert seen == (
             [(ev.KERNEL_RETIRED, 3)] * 3 + [(ev.KERNEL_REJECTED, 1)] + [(ev.KERNEL_RETIRED, 1)] * 2
         )

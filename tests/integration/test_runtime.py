@@ -122,10 +122,7 @@ async def test_messages_arriving_within_the_linger_share_one_transaction(
             await publish_event(js, compiled(i))
             await asyncio.sleep(0.01)
 
-        async def all_done() -> bool:
-            return worker.metrics.value("esper_worker_processed_total") == 10
-
-        await wait_for(all_done, 15, "10 events processed")
+        await until_processed(worker, 10, "10 events processed")
         assert worker.metrics.value("esper_worker_transactions_total") <= 2
         assert await effects(engine) == {f"k{i}": 1 for i in range(10)}
         sent = "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
@@ -135,7 +132,7 @@ async def test_messages_arriving_within_the_linger_share_one_transaction(
 async def test_a_message_after_a_quiet_spell_is_not_held_for_the_linger(
     bus: str, database_url: str, engine: AsyncEngine
 ) -> None:
-    """Lingering only pays while messages come closer together than the
+    """Lingering only pays while the arrival rate promises company within the
     linger; a lone message goes at once."""
     handler = Recorder()
     async with (
@@ -145,10 +142,7 @@ async def test_a_message_after_a_quiet_spell_is_not_held_for_the_linger(
         started = time.monotonic()
         await publish_event(js, compiled(1))
 
-        async def done() -> bool:
-            return worker.metrics.value("esper_worker_processed_total") == 1
-
-        await wait_for(done, 15, "the event processed")
+        await until_processed(worker, 1, "the event processed")
         assert time.monotonic() - started < 4.0  # a held message would take 5 s
         assert await effects(engine) == {"k1": 1}
 
@@ -171,12 +165,16 @@ async def test_a_burst_from_one_transaction_is_handled_in_one(
             await js.publish(event.subject, ev.encode(event), headers=headers)
             await asyncio.sleep(0.05)
 
-        async def done() -> bool:
-            return worker.metrics.value("esper_worker_processed_total") == 5
-
-        await wait_for(done, 15, "5 events processed")
+        await until_processed(worker, 5, "5 events processed")
         assert worker.metrics.value("esper_worker_transactions_total") == 1
         assert await effects(engine) == {f"k{200 + i}": 1 for i in range(5)}
+
+
+async def until_processed(worker: Any, n: int, what: str) -> None:
+    async def done() -> bool:
+        return worker.metrics.value("esper_worker_processed_total") == n
+
+    await wait_for(done, 15, what)
 
 
 async def _eq(value: Any, expected: Any) -> bool:
@@ -397,10 +395,7 @@ async def test_a_handler_longer_than_ack_wait_keeps_its_message(
     ):
         await publish_event(js, compiled(0))
 
-        async def done() -> bool:
-            return worker.metrics.value("esper_worker_processed_total") == 1
-
-        await wait_for(done, 15, "the slow event handled")
+        await until_processed(worker, 1, "the slow event handled")
         info = await js.consumer_info("ESPER_KERNELS", "validate")
         assert info.delivered.consumer_seq == info.delivered.stream_seq == 1  # never redelivered
         assert handler.calls["k0"] == 1
