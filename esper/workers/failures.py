@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import enum
 
+import asyncpg
 import nats.errors
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -23,10 +24,26 @@ class Verdict(enum.Enum):
     REJECT = "reject"  # dead-letter and term now
 
 
+def _asyncpg_outage(exc: BaseException) -> bool | None:
+    """For asyncpg's own errors (statements sent around SQLAlchemy, see
+    esper.workers.txn): whether Postgres is away or aborted us; None for any
+    other exception."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE
+    if isinstance(exc, asyncpg.InterfaceError):
+        # Bad parameter values are the message's fault; the rest (connection
+        # closed, in the middle of an operation...) are the connection's.
+        return not isinstance(exc, ValueError)
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures of the infrastructure rather than of the message."""
     if isinstance(exc, Retry):
         return True
+    raw = _asyncpg_outage(exc)
+    if raw is not None:
+        return raw
     if isinstance(exc, OperationalError | InterfaceError):
         return True
     if isinstance(exc, DBAPIError):
@@ -42,6 +59,9 @@ def is_transient(exc: BaseException) -> bool:
 def is_database_outage(exc: BaseException) -> bool:
     """Postgres unreachable, restarting or aborting us for reasons not of the
     message's making (connection lost, shutdown, deadlock): worth waiting out."""
+    raw = _asyncpg_outage(exc)
+    if raw is not None:
+        return raw
     if isinstance(exc, OperationalError | InterfaceError):
         return True
     if isinstance(exc, DBAPIError):

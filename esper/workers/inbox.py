@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import cast
 
-from sqlalchemy import Table, delete, func, select, text
+import asyncpg
+from sqlalchemy import Table, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.db.models import InboxEntry
@@ -17,31 +18,27 @@ from esper.db.models import InboxEntry
 _inbox = cast(Table, InboxEntry.__table__)
 
 
-# One statement for any batch size (arrays, not a VALUES list): prepared once.
-_CLAIM = text(
-    """
+# One statement for any batch size (arrays, not a VALUES list): prepared once
+# per connection. The runtime sends it on the transaction's asyncpg connection
+# (esper.workers.txn), hence asyncpg's $n placeholders.
+CLAIM_SQL = """
     INSERT INTO inbox (stage, event_id, subject)
-    SELECT :stage, e, s
-    FROM unnest(CAST(:event_ids AS uuid[]), CAST(:subjects AS varchar[])) AS x(e, s)
+    SELECT $1, e, s FROM unnest($2::uuid[], $3::varchar[]) AS x(e, s)
     ON CONFLICT (stage, event_id) DO NOTHING
     RETURNING event_id
-    """
-)
+"""
 
 
 async def claim(
-    session: AsyncSession, stage: str, events: Sequence[tuple[uuid.UUID, str]]
+    conn: asyncpg.Connection, stage: str, events: Sequence[tuple[uuid.UUID, str]]
 ) -> set[uuid.UUID]:
-    """Insert inbox rows for ``(event_id, subject)`` pairs; returns the ids that
-    were new (those the stage must handle)."""
+    """Insert inbox rows for ``(event_id, subject)`` pairs in ``conn``'s open
+    transaction; returns the ids that were new (those the stage must handle).
+    A row another transaction holds uncommitted makes this wait for it."""
     if not events:
         return set()
-    params = {
-        "stage": stage,
-        "event_ids": [e for e, _ in events],
-        "subjects": [s for _, s in events],
-    }
-    return set((await session.execute(_CLAIM, params)).scalars())
+    rows = await conn.fetch(CLAIM_SQL, stage, [e for e, _ in events], [s for _, s in events])
+    return {r[0] for r in rows}
 
 
 async def prune(session: AsyncSession, older_than: timedelta) -> int:

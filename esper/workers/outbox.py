@@ -23,11 +23,12 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
+import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import Table, delete, func, select, text, update
@@ -59,15 +60,28 @@ class OutboxRow:
     payload: bytes
 
 
-_WRITE = text(
-    """
+# asyncpg's $n placeholders: the runtime sends it on its transaction's asyncpg
+# connection, and sessions send the same string through exec_driver_sql.
+WRITE_SQL = """
     INSERT INTO outbox (event_id, subject, payload)
-    SELECT e, s, p FROM unnest(CAST(:event_ids AS uuid[]), CAST(:subjects AS varchar[]),
-                               CAST(:payloads AS bytea[])) WITH ORDINALITY AS x(e, s, p, n)
+    SELECT e, s, p FROM unnest($1::uuid[], $2::varchar[], $3::bytea[])
+        WITH ORDINALITY AS x(e, s, p, n)
     ORDER BY n
     RETURNING id, event_id
-    """
-)
+"""
+
+_WriteArgs = tuple[list[uuid.UUID], list[str], list[bytes]]
+
+
+def _write_args(events: Sequence[ev.EsperEvent], payloads: Sequence[bytes] | None) -> _WriteArgs:
+    if payloads is None:
+        payloads = [ev.encode(e) for e in events]
+    return [e.event_id for e in events], [e.subject for e in events], list(payloads)
+
+
+def _rows(args: _WriteArgs, returned: Iterable[Any]) -> list[OutboxRow]:
+    ids = {r[1]: r[0] for r in returned}
+    return [OutboxRow(ids[e], e, s, p) for e, s, p in zip(*args, strict=True)]
 
 
 async def write(
@@ -80,18 +94,21 @@ async def write(
     the relay's fast path once that commits."""
     if not events:
         return []
-    if payloads is None:
-        payloads = [ev.encode(e) for e in events]
-    params = {
-        "event_ids": [e.event_id for e in events],
-        "subjects": [e.subject for e in events],
-        "payloads": list(payloads),
-    }
-    ids = {eid: rid for rid, eid in (await session.execute(_WRITE, params)).all()}
-    return [
-        OutboxRow(ids[e.event_id], e.event_id, e.subject, p)
-        for e, p in zip(events, payloads, strict=True)
-    ]
+    args = _write_args(events, payloads)
+    conn = await session.connection()
+    return _rows(args, (await conn.exec_driver_sql(WRITE_SQL, args)).all())
+
+
+async def write_raw(
+    conn: asyncpg.Connection,
+    events: Sequence[ev.EsperEvent],
+    payloads: Sequence[bytes] | None = None,
+) -> list[OutboxRow]:
+    """``write`` on an asyncpg connection's open transaction (the runtime's)."""
+    if not events:
+        return []
+    args = _write_args(events, payloads)
+    return _rows(args, await conn.fetch(WRITE_SQL, *args))
 
 
 def mark_engine_for(engine: AsyncEngine) -> AsyncEngine:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
-
-from sqlalchemy import text
+from typing import Any, NamedTuple
 
 from esper.bus import events as ev
 from esper.errors import IRValidationError, Reject
@@ -49,6 +48,31 @@ def _check_blueprint(event: ev.BlueprintSubmitted) -> None:
         raise Reject(f"blueprint hash mismatch: submitted {event.blueprint_hash}, is {actual}")
 
 
+class _Statement:
+    """SQL written with ``:name`` parameters, sent through ``ctx.fetch`` (asyncpg's
+    ``$n`` placeholders, without the SQLAlchemy session machinery: most of a
+    pass-through stage's CPU went there)."""
+
+    def __init__(self, sql: str) -> None:
+        self.names: list[str] = []
+
+        def number(m: re.Match[str]) -> str:
+            if m.group(1) not in self.names:
+                self.names.append(m.group(1))
+            return f"${self.names.index(m.group(1)) + 1}"
+
+        self.sql = re.sub(r"(?<!:):([a-z_]+)", number, sql)
+
+    async def fetch(self, ctx: HandlerContext[Any], params: dict[str, Any]) -> Sequence[Any]:
+        return await ctx.fetch(self.sql, *(params[n] for n in self.names))
+
+
+class _Ready(NamedTuple):
+    id: uuid.UUID
+    moved: bool
+    ir: Any
+
+
 class _PassThrough:
     """A handler whose per-event form is a batch of one."""
 
@@ -74,7 +98,7 @@ class _PassThrough:
 # record a kernel_events row per (event, target, dtype) in input order. Within a
 # batch only the first claim of a new kernel is a miss. Foreign keys are
 # checked at the end of the statement, so parents and children may share it.
-_COMPILE = text(
+_COMPILE = _Statement(
     """
     WITH bp AS (
         INSERT INTO blueprints (hash, name, ir, submit_count)
@@ -144,8 +168,8 @@ class CompilePassThrough(_PassThrough):
             for dtype in e.dtypes
         ]
         unique = {key: (e.blueprint_hash, target, dtype) for e, target, dtype, key in wanted}
-        result = await ctx.session.execute(
-            _COMPILE,
+        result = await _COMPILE.fetch(
+            ctx,
             {
                 "hashes": list(counts),
                 "names": [firsts[h].name for h in counts],
@@ -163,22 +187,22 @@ class CompilePassThrough(_PassThrough):
                 "stage": ctx.stage,
             },
         )
-        claims = {r.n: r for r in result}
+        claims = {r[0]: r for r in result}  # n -> (n, kernel id, cache hit)
         if len(claims) != len(wanted):  # a kernel neither inserted nor found
             raise RuntimeError(f"claimed {len(claims)} of {len(wanted)} kernels")
         compile_ms = (time.perf_counter() - started) * 1000 / len(events)
         for n, (event, target, dtype, key) in enumerate(wanted, 1):
-            k = claims[n]
+            _, kernel_id, hit = claims[n]
             ctx.emit(
                 ev.KernelCompiled(
-                    correlation_id=event.correlation_id, kernel_id=k.id, cache_key=key,
+                    correlation_id=event.correlation_id, kernel_id=kernel_id, cache_key=key,
                     blueprint_hash=event.blueprint_hash, target=target, dtype=dtype,
-                    backend=BACKEND, cache_hit=k.hit, compile_ms=compile_ms,
+                    backend=BACKEND, cache_hit=hit, compile_ms=compile_ms,
                 )
             )
 
 
-_VALIDATE = text(
+_VALIDATE = _Statement(
     """
     WITH moved AS (
         UPDATE kernels SET status = 'validated', updated_at = now()
@@ -218,15 +242,15 @@ class ValidatePassThrough(_PassThrough):
     async def handle_many(
         self, events: Sequence[ev.KernelCompiled], ctx: HandlerContext[Any]
     ) -> None:
-        result = await ctx.session.execute(
-            _VALIDATE,
+        result = await _VALIDATE.fetch(
+            ctx,
             {
                 "ids": [e.kernel_id for e in events],
                 "correlation_ids": [e.correlation_id for e in events],
                 "details": _details(events, ctx.stage),
             },
         )
-        _unknown(events, set(result.scalars()))
+        _unknown(events, {r[0] for r in result})
         for e in events:
             ctx.emit(
                 ev.KernelValidated(
@@ -238,7 +262,7 @@ class ValidatePassThrough(_PassThrough):
             )
 
 
-_READY = text(
+_READY = _Statement(
     """
     WITH moved AS (
         UPDATE kernels SET status = 'ready', updated_at = now()
@@ -260,7 +284,7 @@ _READY = text(
     """
 )
 
-_DEPLOY = text(
+_DEPLOY = _Statement(
     """
     INSERT INTO deployments (kernel_id, target, seed_schema)
     SELECT k, t, s
@@ -292,15 +316,15 @@ class DeployPassThrough(_PassThrough):
     async def handle_many(
         self, events: Sequence[ev.KernelValidated], ctx: HandlerContext[Any]
     ) -> None:
-        result = await ctx.session.execute(
-            _READY,
+        result = await _READY.fetch(
+            ctx,
             {
                 "ids": [e.kernel_id for e in events],
                 "correlation_ids": [e.correlation_id for e in events],
                 "details": _details(events, ctx.stage),
             },
         )
-        found = {r.id: r for r in result}
+        found = {r[0]: _Ready(*r) for r in result}
         _unknown(events, set(found))
         deployed: dict[uuid.UUID, tuple[str, str]] = {}
         for e in events:
@@ -321,8 +345,8 @@ class DeployPassThrough(_PassThrough):
                 )
             )
         if deployed:
-            await ctx.session.execute(
-                _DEPLOY,
+            await _DEPLOY.fetch(
+                ctx,
                 {
                     "ids": list(deployed),
                     "targets": [v[0] for v in deployed.values()],

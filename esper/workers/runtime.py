@@ -34,22 +34,24 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from esper.bus import events as ev
 from esper.bus.connect import connect
 from esper.bus.publish import burst_size
 from esper.bus.pull import PullConsumer
 from esper.bus.topology import Topology, consumer_spec, ensure_topology
-from esper.errors import Retry
+from esper.errors import ConfigError, Retry
 from esper.workers import deadletter, inbox, outbox
 from esper.workers.failures import Verdict, classify, describe, is_database_outage
 from esper.workers.handler import Handler, HandlerContext, batch_capable
 from esper.workers.logging import log_context
 from esper.workers.metrics import WorkerMetrics
+from esper.workers.txn import StageTransactions, StageTxn
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ __all__ = ["DEFAULT_LINGER", "Handler", "HandlerContext", "Worker"]
 # that the wait buys little CPU and costs every message in the group latency.
 DEFAULT_LINGER = 0.006
 _MIN_COMPANY = 1.5
+# What a handler's database failure can be: through its session, or through
+# HandlerContext.fetch on the asyncpg connection.
+_DATABASE_ERRORS = (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # The longest a group waits for the rest of a burst (see esper.bus.publish,
 # BURST_HEADER): the publisher sent them together, so they normally follow
 # within a millisecond or two (one store, and one fsync, each).
@@ -150,6 +155,7 @@ class Worker:
         self.started = asyncio.Event()
         self.relay: outbox.OutboxRelay | None = None
         self._sf = session_factory
+        self._txns: StageTransactions | None = None
         self._stop = asyncio.Event()
         self._processing: dict[int, Msg] = {}
         self._puller: PullConsumer | None = None
@@ -168,6 +174,10 @@ class Worker:
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+        bind = self._sf.kw.get("bind")
+        if not isinstance(bind, AsyncEngine):
+            raise ConfigError("a Worker's session factory must be bound to an AsyncEngine")
+        self._txns = StageTransactions(bind)
         nc = await connect(self.nats_url, name=self.name, on_reconnected=self._on_reconnected)
         js = nc.jetstream()
         background: list[asyncio.Task[Any]] = []
@@ -177,9 +187,7 @@ class Worker:
             if self.metrics_port is not None:
                 self.metrics.serve(self.metrics_port)
             if self.run_relay:
-                bind = self._sf.kw.get("bind")
-                if bind is not None:
-                    mark_engine = outbox.mark_engine_for(bind)
+                mark_engine = outbox.mark_engine_for(bind)
                 self.relay = outbox.OutboxRelay(
                     self._sf, js, metrics=self.metrics, mark_engine=mark_engine,
                     nc=nc if self.atomic_batches else None,
@@ -325,7 +333,9 @@ class Worker:
             except _HandlerFailed as failed:
                 # Inside a handler only SQLAlchemy's errors speak for Postgres; an
                 # OSError there may be the handler's own disk or network.
-                outage_now = isinstance(failed.exc, DBAPIError) and is_database_outage(failed.exc)
+                outage_now = isinstance(failed.exc, _DATABASE_ERRORS) and is_database_outage(
+                    failed.exc
+                )
                 if not outage_now:
                     if failed.delivery is None:
                         whole_batch = False  # find the culprit one event at a time
@@ -382,9 +392,10 @@ class Worker:
     ) -> list[outbox.OutboxRow]:
         """Claim, handle, write the outbox, record dead letters; commit. Returns
         the committed outbox rows."""
-        async with self._sf() as session, session.begin():
+        assert self._txns is not None
+        async with self._txns.begin() as txn:
             claimed = [(d.event.event_id, d.subject) for d in work if d.event is not None]
-            fresh = await inbox.claim(session, self.stage, claimed)
+            fresh = await inbox.claim(txn.raw, self.stage, claimed)
             todo: list[_Delivery] = []
             for d in work:
                 assert d.event is not None
@@ -396,20 +407,20 @@ class Worker:
             payloads: list[bytes] = []
             groups = [todo] if whole_batch and len(todo) > 1 else [[d] for d in todo]
             for ds in groups:
-                ctx = await self._handle(session, ds, batch=len(ds) > 1)
+                ctx = await self._handle(txn, ds, batch=len(ds) > 1)
                 emitted += ctx.emitted
                 payloads += ctx.payloads
-            rows = await outbox.write(session, emitted, payloads)
+            rows = await outbox.write_raw(txn.raw, emitted, payloads)
             for d, reason in dead:
-                rows += await deadletter.record(session, self._dead_letter_info(d, reason))
+                rows += await deadletter.record(txn.session, self._dead_letter_info(d, reason))
         return rows
 
     async def _handle(
-        self, session: AsyncSession, ds: list[_Delivery], *, batch: bool
+        self, txn: StageTxn, ds: list[_Delivery], *, batch: bool
     ) -> HandlerContext[Any]:
         events = [d.event for d in ds]
         ctx: HandlerContext[Any] = HandlerContext(
-            session, [d.msg for d in ds], self.stage, max(d.num_delivered for d in ds)
+            txn, [d.msg for d in ds], self.stage, max(d.num_delivered for d in ds)
         )
         first = events[0]
         assert first is not None
@@ -425,7 +436,7 @@ class Worker:
                         await self.handler.handle_many(events, ctx)  # type: ignore[attr-defined]
                     else:
                         await self.handler(first, ctx)
-                await session.flush()  # a handler's bad row fails here, not at commit
+                await txn.flush()  # a handler's bad row fails here, not at commit
             except Exception as exc:
                 raise _HandlerFailed(None if batch else ds[0], exc) from exc
             finally:
