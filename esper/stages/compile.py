@@ -63,6 +63,7 @@ from esper.stages import compile_records as rec
 from esper.stages.compile_config import CompileStageConfig
 from esper.stages.compile_subprocess import CompileRequest, WarmChildren, run_compile
 from esper.stages.targets import BackendChoice, choose_backend
+from esper.workers.txn import engine_of
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -159,9 +160,10 @@ class CompileHandler:
                 self._spares = WarmChildren(size=1)
                 self._spares.prime()
             if self._sessions is None:
-                if session.bind is None:
+                engine = engine_of(session)
+                if engine is None:
                     raise ConfigError("the compile handler needs a session bound to an engine")
-                sessions = async_sessionmaker(session.bind, expire_on_commit=False)
+                sessions = async_sessionmaker(engine, expire_on_commit=False)
                 tag = self.worker_id.rsplit(":", 1)[-1]
                 self._nc = await connect(self.config.nats_url, name=f"esper-compile-{tag}")
                 durable = DurableTier(sessions, self._nc, bucket=self.config.durable_bucket)

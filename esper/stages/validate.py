@@ -44,6 +44,7 @@ from esper.validate.policy import ValidationPolicy
 from esper.validate.protocol import ExpectedKernel
 from esper.validate.runner import SandboxError, SandboxRunner
 from esper.workers import passthrough
+from esper.workers.txn import engine_of
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -191,10 +192,11 @@ class ValidateHandler:
         if self._durable is None:
             async with self._init_lock:
                 if self._durable is None:
-                    if session.bind is None:
+                    engine = engine_of(session)
+                    if engine is None:
                         raise ConfigError("the validate handler needs a session bound to an "
                                           "engine")
-                    sessions = async_sessionmaker(session.bind, expire_on_commit=False)
+                    sessions = async_sessionmaker(engine, expire_on_commit=False)
                     self._nc = await connect(self.config.resolve_nats_url(),
                                              name=f"esper-validate-{os.getpid()}")
                     self._durable = DurableTier(sessions, self._nc,

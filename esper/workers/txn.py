@@ -21,27 +21,42 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageTransactions", "StageTxn"]
+__all__ = ["StageTransactions", "StageTxn", "engine_of"]
+
+_ENGINE = "esper.engine"
+
+
+def engine_of(session: AsyncSession) -> Any:
+    """The engine behind ``session``, for a handler's own separate transactions:
+    a stage transaction's session is bound to its (autocommit-mode) connection,
+    and carries the worker's engine in ``info``."""
+    return session.info.get(_ENGINE) or session.bind
 
 
 class StageTxn:
     """One open stage transaction: ``raw`` (asyncpg) and, on demand, a session."""
 
-    def __init__(self, conn: AsyncConnection, raw: asyncpg.Connection) -> None:
+    def __init__(
+        self, conn: AsyncConnection, raw: asyncpg.Connection, engine: AsyncEngine
+    ) -> None:
         self.raw = raw
         self._conn = conn
+        self._engine = engine
         self._session: AsyncSession | None = None
 
     @property
     def session(self) -> AsyncSession:
         if self._session is None:
-            self._session = AsyncSession(bind=self._conn, expire_on_commit=False)
+            self._session = AsyncSession(
+                bind=self._conn, expire_on_commit=False, info={_ENGINE: self._engine}
+            )
         return self._session
 
     async def flush(self) -> None:
@@ -58,6 +73,7 @@ class StageTransactions:
     """Opens stage transactions on ``engine``'s pool."""
 
     def __init__(self, engine: AsyncEngine, *, rollback_timeout: float = 5.0) -> None:
+        self._base = engine
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._rollback_timeout = rollback_timeout
 
@@ -74,7 +90,7 @@ class StageTransactions:
             except BaseException:
                 await _discard(conn)
                 raise
-            txn = StageTxn(conn, raw)
+            txn = StageTxn(conn, raw, self._base)
             try:
                 yield txn
                 await txn.close_session()
