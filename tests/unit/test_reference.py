@@ -59,7 +59,10 @@ def test_bundled_forward_matches_float64_evaluation(name: str) -> None:
     got32 = _outputs(m32(*[x.float() for x in xs]))
     for g, r in zip(got32, ref, strict=True):
         assert g.dtype == torch.float32
-        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+        # float32 rounding grows with the output's scale (conv_block reaches ~470,
+        # where 3e-4 is a few ulps and the CPU's conv algorithm picks the order).
+        atol = max(1e-4, 4e-6 * r.abs().max().item())
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
