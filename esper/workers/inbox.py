@@ -14,6 +14,7 @@ from sqlalchemy import Table, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from esper.db.models import InboxEntry
+from esper.workers import sqltext
 
 _inbox = cast(Table, InboxEntry.__table__)
 
@@ -39,6 +40,25 @@ async def claim(
         return set()
     rows = await conn.fetch(CLAIM_SQL, stage, [e for e, _ in events], [s for _, s in events])
     return {r[0] for r in rows}
+
+
+def claim_literal(stage: str, events: Sequence[tuple[uuid.UUID, str]]) -> str | None:
+    """``claim`` as one self-contained statement for the runtime to send with
+    its BEGIN (esper.workers.txn), for a group it expects to be all new: a plain
+    INSERT, so an event already claimed fails it with a unique violation (after
+    waiting, like ``claim``, for a transaction that holds its row) and the
+    group is claimed again with ``claim``. None where it cannot serve: no
+    events, an event twice in the group, a value no literal can carry."""
+    if not events or len({e for e, _ in events}) < len(events):
+        return None
+    try:
+        st = sqltext.text_literal(stage)
+        values = ",".join(
+            f"({st},{sqltext.uuid_literal(e)},{sqltext.text_literal(s)})" for e, s in events
+        )
+    except (TypeError, ValueError):
+        return None
+    return f"INSERT INTO inbox (stage, event_id, subject) VALUES {values};"
 
 
 async def prune(session: AsyncSession, older_than: timedelta) -> int:

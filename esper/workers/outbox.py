@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import Table, delete, func, select, text, update
@@ -42,7 +41,7 @@ from sqlalchemy.ext.asyncio import (
 from esper.bus import events as ev
 from esper.bus.publish import publish_pipelined
 from esper.db.models import OutboxEntry
-from esper.workers import inbox
+from esper.workers import inbox, sqltext
 from esper.workers.failures import is_transient
 from esper.workers.metrics import WorkerMetrics
 
@@ -54,14 +53,14 @@ _ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 
 @dataclass(frozen=True)
 class OutboxRow:
-    id: int
+    id: int | None  # None: written by write_literal, whose statement returns nothing
     event_id: uuid.UUID
     subject: str
     payload: bytes
 
 
-# asyncpg's $n placeholders: the runtime sends it on its transaction's asyncpg
-# connection, and sessions send the same string through exec_driver_sql.
+# asyncpg's $n placeholders (sessions send it through exec_driver_sql); the
+# runtime's own transactions use write_literal instead.
 WRITE_SQL = """
     INSERT INTO outbox (event_id, subject, payload)
     SELECT e, s, p FROM unnest($1::uuid[], $2::varchar[], $3::bytea[])
@@ -99,16 +98,22 @@ async def write(
     return _rows(args, (await conn.exec_driver_sql(WRITE_SQL, args)).all())
 
 
-async def write_raw(
-    conn: asyncpg.Connection,
-    events: Sequence[ev.EsperEvent],
-    payloads: Sequence[bytes] | None = None,
-) -> list[OutboxRow]:
-    """``write`` on an asyncpg connection's open transaction (the runtime's)."""
+def write_literal(
+    events: Sequence[ev.EsperEvent], payloads: Sequence[bytes] | None = None
+) -> tuple[str, list[OutboxRow]]:
+    """``write`` as one self-contained statement (values inline, nothing
+    returned), for the runtime to send in the same round trip as its COMMIT;
+    and the rows the relay's fast path publishes once that commits. Relay
+    marks go by event_id, so the rows need no id from the server."""
     if not events:
-        return []
-    args = _write_args(events, payloads)
-    return _rows(args, await conn.fetch(WRITE_SQL, *args))
+        return "", []
+    ids, subjects, data = _write_args(events, payloads)
+    values = ",".join(
+        f"({sqltext.uuid_literal(e)},{sqltext.text_literal(s)},{sqltext.bytea_literal(p)})"
+        for e, s, p in zip(ids, subjects, data, strict=True)
+    )
+    sql = f"INSERT INTO outbox (event_id, subject, payload) VALUES {values};"
+    return sql, [OutboxRow(None, e, s, p) for e, s, p in zip(ids, subjects, data, strict=True)]
 
 
 def mark_engine_for(engine: AsyncEngine) -> AsyncEngine:
@@ -168,8 +173,8 @@ class OutboxRelay:
         self.mark_delay = mark_delay
         # Fast path: rows published right after their commit, acks pending.
         self._inflight: list[tuple[OutboxRow, asyncio.Future[Any]]] = []
-        # Fast-path rows the stream acked, to be marked sent by ``_mark_due``.
-        self._unmarked: list[int] = []
+        # Event ids of fast-path rows the stream acked, to be marked sent by ``_mark_due``.
+        self._unmarked: list[uuid.UUID] = []
         self._mark_due: float | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -262,10 +267,10 @@ class OutboxRelay:
         async with self._mark_engine.connect() as conn:
             return bool((await conn.execute(self._any_stale)).scalar())
 
-    async def _mark(self, ids: list[int]) -> None:
+    async def _mark(self, ids: list[uuid.UUID]) -> None:
         mark = (
             update(_outbox)
-            .where(_outbox.c.id.in_(ids), _outbox.c.sent_at.is_(None))
+            .where(_outbox.c.event_id.in_(ids), _outbox.c.sent_at.is_(None))
             .values(sent_at=func.now())
         )
         if self._mark_engine is not None:
@@ -310,13 +315,13 @@ class OutboxRelay:
             await self._after_publish(acked)
             if acked:
                 await session.execute(
-                    update(_outbox).where(_outbox.c.id.in_(acked)).values(sent_at=func.now())
+                    update(_outbox).where(_outbox.c.event_id.in_(acked)).values(sent_at=func.now())
                 )
         self._count(len(acked))
         return len(acked), len(rows)
 
-    async def _publish(self, rows: Sequence[OutboxRow]) -> list[int]:
-        """Publish pipelined (async acks); the ids of rows the stream acked."""
+    async def _publish(self, rows: Sequence[OutboxRow]) -> list[uuid.UUID]:
+        """Publish pipelined (async acks); the event ids of rows the stream acked."""
         return await self._collect(await self._start(rows))
 
     async def _start(
@@ -326,7 +331,7 @@ class OutboxRelay:
         futures = await publish_pipelined(self._js, items, nc=self._nc, burst=burst)
         return list(zip(rows, futures, strict=True))
 
-    async def _collect(self, pairs: Sequence[tuple[OutboxRow, Any]]) -> list[int]:
+    async def _collect(self, pairs: Sequence[tuple[OutboxRow, Any]]) -> list[uuid.UUID]:
         rows = [r for r, _ in pairs]
         futures = [f for _, f in pairs]
         # One wait for the whole batch (a wait_for per future would be a task each).
@@ -338,7 +343,9 @@ class OutboxRelay:
             for f in futures
         ]
         acked = [
-            row.id for row, r in zip(rows, results, strict=True) if not isinstance(r, BaseException)
+            row.event_id
+            for row, r in zip(rows, results, strict=True)
+            if not isinstance(r, BaseException)
         ]
         failed = [r for r in results if isinstance(r, BaseException)]
         dups = sum(bool(getattr(r, "duplicate", False)) for r in results)
@@ -357,7 +364,7 @@ class OutboxRelay:
         if self._metrics is not None and n:
             self._metrics.published(n)
 
-    async def _after_publish(self, ids: list[int]) -> None:
+    async def _after_publish(self, ids: list[uuid.UUID]) -> None:
         """Between publish and mark: a seam for fault-injection tests."""
 
     async def prune(self) -> None:

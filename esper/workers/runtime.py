@@ -51,7 +51,7 @@ from esper.workers.failures import Verdict, classify, describe, is_database_outa
 from esper.workers.handler import Handler, HandlerContext, batch_capable
 from esper.workers.logging import log_context
 from esper.workers.metrics import WorkerMetrics
-from esper.workers.txn import StageTransactions, StageTxn
+from esper.workers.txn import OpeningConflict, StageTransactions, StageTxn
 
 log = logging.getLogger(__name__)
 
@@ -391,11 +391,32 @@ class Worker:
         self, work: list[_Delivery], dead: list[tuple[_Delivery, str]], whole_batch: bool
     ) -> list[outbox.OutboxRow]:
         """Claim, handle, write the outbox, record dead letters; commit. Returns
-        the committed outbox rows."""
+        the committed outbox rows. The claim rides with BEGIN while the group
+        looks new; a redelivered event fails it, and the group is claimed
+        again by a statement that skips what is already claimed."""
+        claimed = [(d.event.event_id, d.subject) for d in work if d.event is not None]
+        opening = inbox.claim_literal(self.stage, claimed)
+        if opening is not None:
+            try:
+                return await self._attempt(work, dead, whole_batch, claimed, opening)
+            except OpeningConflict:
+                pass
+        return await self._attempt(work, dead, whole_batch, claimed, None)
+
+    async def _attempt(
+        self,
+        work: list[_Delivery],
+        dead: list[tuple[_Delivery, str]],
+        whole_batch: bool,
+        claimed: list[tuple[uuid.UUID, str]],
+        opening: str | None,
+    ) -> list[outbox.OutboxRow]:
         assert self._txns is not None
-        async with self._txns.begin() as txn:
-            claimed = [(d.event.event_id, d.subject) for d in work if d.event is not None]
-            fresh = await inbox.claim(txn.raw, self.stage, claimed)
+        async with self._txns.begin(opening or "") as txn:
+            if opening is None:
+                fresh = await inbox.claim(txn.raw, self.stage, claimed)
+            else:
+                fresh = {e for e, _ in claimed}
             todo: list[_Delivery] = []
             for d in work:
                 assert d.event is not None
@@ -410,10 +431,11 @@ class Worker:
                 ctx = await self._handle(txn, ds, batch=len(ds) > 1)
                 emitted += ctx.emitted
                 payloads += ctx.payloads
-            rows = await outbox.write_raw(txn.raw, emitted, payloads)
+            rows: list[outbox.OutboxRow] = []
             for d, reason in dead:
                 rows += await deadletter.record(txn.session, self._dead_letter_info(d, reason))
-        return rows
+            txn.closing, written = outbox.write_literal(emitted, payloads)
+        return written + rows
 
     async def _handle(
         self, txn: StageTxn, ds: list[_Delivery], *, batch: bool

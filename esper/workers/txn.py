@@ -13,7 +13,15 @@ asyncpg (benchmarks/RESULTS.md, "Event pipeline").
 SQLAlchemy sees the connection in AUTOCOMMIT mode, so it never sends a BEGIN
 or COMMIT of its own; the transaction is asyncpg's. A connection whose
 transaction could not be closed cleanly (the server went away, the task was
-cancelled mid-statement) is invalidated, never returned to the pool."""
+cancelled mid-statement) is invalidated, never returned to the pool.
+
+The runtime's own statements ride with BEGIN and COMMIT: ``begin(opening)``
+sends ``BEGIN; <opening>`` and the commit sends ``<closing> COMMIT;``, each one
+simple-protocol round trip (inline values, esper.workers.sqltext), so a
+stage transaction whose handler sends one statement costs three round trips
+instead of five. Each costs two process wake-ups, and on a 2-vCPU machine
+those cost more CPU than the statements (benchmarks/RESULTS.md, "Event
+pipeline")."""
 
 from __future__ import annotations
 
@@ -28,7 +36,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageTransactions", "StageTxn", "engine_of"]
+__all__ = ["OpeningConflict", "StageTransactions", "StageTxn", "engine_of"]
+
+
+class OpeningConflict(Exception):
+    """The statement sent with BEGIN hit a unique violation (the transaction
+    was rolled back): for the inbox claim, an event already claimed."""
 
 _ENGINE = "esper.engine"
 
@@ -50,6 +63,7 @@ class StageTxn:
         self._conn = conn
         self._engine = engine
         self._session: AsyncSession | None = None
+        self.closing = ""  # statements sent with the COMMIT (they return nothing)
 
     @property
     def session(self) -> AsyncSession:
@@ -78,42 +92,44 @@ class StageTransactions:
         self._rollback_timeout = rollback_timeout
 
     @contextlib.asynccontextmanager
-    async def begin(self) -> AsyncIterator[StageTxn]:
-        """An open transaction: committed when the block ends, rolled back if
-        it raises."""
+    async def begin(self, opening: str = "") -> AsyncIterator[StageTxn]:
+        """An open transaction, its first statements ``opening`` (self-contained
+        SQL) sent with BEGIN: committed, with ``txn.closing``, when the block
+        ends; rolled back if it raises. A unique violation in ``opening``
+        raises OpeningConflict."""
         async with self._engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
-            tx = raw.transaction()
             try:
-                await tx.start()
-            except BaseException:
-                await _discard(conn)
+                await raw.execute("BEGIN;" + opening)
+            except asyncpg.UniqueViolationError as exc:
+                await self._rollback(conn, raw, exc)
+                raise OpeningConflict(str(exc)) from exc
+            except BaseException as exc:
+                await self._rollback(conn, raw, exc)
                 raise
             txn = StageTxn(conn, raw, self._base)
             try:
                 yield txn
                 await txn.close_session()
-                await tx.commit()
+                await raw.execute(txn.closing + "COMMIT;")
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     await txn.close_session()
-                await self._rollback(conn, raw, tx, exc)
+                await self._rollback(conn, raw, exc)
                 raise
 
     async def _rollback(
-        self,
-        conn: AsyncConnection,
-        raw: asyncpg.Connection,
-        tx: asyncpg.transaction.Transaction,
-        exc: BaseException,
+        self, conn: AsyncConnection, raw: asyncpg.Connection, exc: BaseException
     ) -> None:
         if isinstance(exc, asyncio.CancelledError) or raw.is_closed():
             await _discard(conn)  # a statement may still be running on it
             return
         try:
             async with asyncio.timeout(self._rollback_timeout):
-                await tx.rollback()
+                # Also after a failed COMMIT, which ends the transaction itself:
+                # the server then only warns that none is in progress.
+                await raw.execute("ROLLBACK;")
         except Exception as err:
             log.info("rollback failed (%s); discarding the connection", err)
             await _discard(conn)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -171,7 +172,7 @@ class _Died(BaseException):
 
 
 class DyingRelay(OutboxRelay):
-    async def _after_publish(self, ids: list[int]) -> None:
+    async def _after_publish(self, ids: list[uuid.UUID]) -> None:
         raise _Died
 
 

@@ -204,6 +204,30 @@ async def test_the_same_event_twice_in_the_stream_is_handled_once(
         assert worker.metrics.value("esper_worker_processed_total") == 1
 
 
+async def test_a_redelivered_event_in_a_group_of_new_ones_is_skipped_alone(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    """The claim sent with BEGIN fails on the event already claimed; the group
+    is claimed again, and no handler ran for the failed attempt."""
+    handler = Recorder()
+    seen = compiled(0)
+    async with js_client(bus) as js:
+        async with running_worker("validate", bus, database_url, handler) as worker:
+            await publish_event(js, seen)
+            await until_processed(worker, 1, "the first event")
+        # Queued while no worker runs, so the next one takes them as one group.
+        await js.publish(seen.subject, ev.encode(seen), headers=msg_headers(uuid.uuid4()))
+        for i in (1, 2):
+            await publish_event(js, compiled(i))
+        async with running_worker("validate", bus, database_url, handler) as worker:
+            await until_processed(worker, 2, "the two new events")
+            assert worker.metrics.value("esper_worker_duplicates_total") == 1
+            assert worker.metrics.value("esper_worker_transactions_total") == 1
+    assert handler.calls == {"k0": 1, "k1": 1, "k2": 1}
+    assert await effects(engine) == {"k0": 1, "k1": 1, "k2": 1}
+    assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 3
+
+
 async def test_retry_naks_with_delay_then_succeeds_once(
     bus: str, database_url: str, engine: AsyncEngine
 ) -> None:

@@ -27,21 +27,21 @@ class AckingJetStream:
 class RecordingRelay(OutboxRelay):
     def __init__(self, **kw: Any) -> None:
         super().__init__(None, AckingJetStream(), poll_interval=3600, **kw)  # type: ignore[arg-type]
-        self.marks: list[list[int]] = []
+        self.marks: list[list[int]] = []  # the rows' numbers (their event ids' ints)
         self.fail_marks = 0
 
-    async def _mark(self, ids: list[int]) -> None:
+    async def _mark(self, ids: list[uuid.UUID]) -> None:
         if self.fail_marks:
             self.fail_marks -= 1
             raise OSError("database away")
-        self.marks.append(list(ids))
+        self.marks.append([i.int for i in ids])
 
     async def flush(self, min_age: float = 0.0) -> int:  # no database behind this one
         return 0
 
 
 def rows(*ids: int) -> list[OutboxRow]:
-    return [OutboxRow(i, uuid.uuid4(), "esper.kernel.compiled", b"{}") for i in ids]
+    return [OutboxRow(None, uuid.UUID(int=i), "esper.kernel.compiled", b"{}") for i in ids]
 
 
 async def test_marks_are_gathered_then_written_once() -> None:
