@@ -4,8 +4,6 @@ the real one is exercised in tests/integration/test_cache_durable.py)."""
 from __future__ import annotations
 
 import asyncio
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -218,14 +216,21 @@ async def test_memory_eviction_reloads_from_disk(tmp_path: Path) -> None:
     assert (await reg.lookup(keys[0])).tier == "disk"  # type: ignore[union-attr]
 
 
-async def test_memory_hit_latency(tmp_path: Path) -> None:
+def _delete_files(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.unlink()
+
+
+async def test_a_memory_hit_touches_no_other_tier(tmp_path: Path) -> None:
+    # Its latency is measured in benchmarks/bench_cache.py ("memory hit"), not
+    # here: a timed assertion fails on a slow or busy machine.
     reg, _ = make_registry(tmp_path)
     ck, packed = make_packed(40)
     await reg.store(ck, packed)
-    await reg.lookup(ck)
-    samples = []
-    for _ in range(2000):
-        t0 = time.perf_counter()
-        await reg.lookup(ck)
-        samples.append(time.perf_counter() - t0)
-    assert statistics.median(samples) < 5e-6, f"median {statistics.median(samples) * 1e6:.2f} µs"
+    first = await reg.lookup(ck)
+    _delete_files(tmp_path)  # the disk tier's copy is gone
+    for _ in range(100):
+        assert await reg.lookup(ck) is first
+    assert reg.loader.calls == [ck]  # built once
+    assert reg.snapshot()["tiers"]["disk"]["hits"] == 1
