@@ -36,8 +36,13 @@ BURST_HEADER = "Esper-Burst"
 # ``sync_interval: always`` a stream fsyncs once per stored message, but a
 # batch costs about four fsyncs whatever its size (measured with strace on
 # nats-server 2.15: 1,600 messages in batches of 64 took 100 fsyncs, singly
-# 1,600; in batches of 2, 3,200): so batches pay off from about 8 messages.
-ATOMIC_MIN = 8
+# 1,600; in batches of 2, 3,200). But the server also stages each batch in a
+# directory of its own (mkdir, index and block files, then unlink), and its
+# messages reach consumers only at the commit: so only long runs, as a
+# saturated stage writes (up to its batch of 32), are worth it, not the groups
+# of 5-10 a stage forms at a moderate rate (benchmarks/RESULTS.md, "Event
+# pipeline", 2026-12-06).
+ATOMIC_MIN = 16
 ATOMIC_MAX = 1000  # the server's limit on one batch
 COMMIT_TIMEOUT = 3.0  # then the batch is published again singly (duplicates dropped)
 _BATCH_ID = Header.BATCH_ID.value
