@@ -38,6 +38,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psutil
 from nats.js.errors import NotFoundError
 from prometheus_client.parser import text_string_to_metric_families
@@ -98,15 +99,18 @@ def holding_compile(settings: Settings) -> Handler:
 
 class ReadyWatch:
     """Records when each journey's KernelReady arrives (a core subscription
-    sees every message the stream stores)."""
+    sees every message the stream stores), by perf_counter and wall clock."""
 
     def __init__(self) -> None:
         self.at: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
         self._arrived = asyncio.Event()
 
     async def on_msg(self, msg: Any) -> None:
         cid = json.loads(msg.data)["correlation_id"]
-        self.at.setdefault(cid, time.perf_counter())
+        if cid not in self.at:
+            self.at[cid] = time.perf_counter()
+            self.wall[cid] = time.time()
         self._arrived.set()
 
     async def until_all(self, ids: set[str], timeout: float = 120.0) -> None:
@@ -243,8 +247,12 @@ async def throughput(
 
 
 async def latency(
-    js: Any, watch: ReadyWatch, subs: list[ev.BlueprintSubmitted], rate: float
+    js: Any, watch: ReadyWatch, subs: list[ev.BlueprintSubmitted], rate: float,
+    sent_wall: dict[str, float] | None = None,
 ) -> tuple[list[float], float]:
+    """Submit ``subs`` at ``rate``; each journey's submit → KernelReady in ms,
+    and the rate achieved. ``sent_wall`` gets each submission's wall-clock time
+    (for ``segments``)."""
     sent: dict[str, float] = {}
     start = time.perf_counter()
     pending = []
@@ -254,6 +262,8 @@ async def latency(
         if delay > 0:
             await asyncio.sleep(delay)
         sent[s.correlation_id] = time.perf_counter()
+        if sent_wall is not None:
+            sent_wall[s.correlation_id] = time.time()
         pending.append(
             await js.publish_async(s.subject, ev.encode(s), headers=msg_headers(s.event_id))
         )
@@ -302,6 +312,38 @@ def machine_busy() -> float:
     """CPU seconds the whole machine has spent busy (every process, every core)."""
     t = psutil.cpu_times()  # guest time is already inside user time on Linux
     return float(t.user + t.system + sum(getattr(t, k, 0.0) for k in ("nice", "irq", "softirq")))
+
+
+SEGMENTS = ("submit→compile", "compile→validate", "validate→deploy", "deploy→received")
+
+
+async def segments(
+    db_url: str, sent_wall: dict[str, float], received: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """Where each journey's time went: p50/p99 ms between the submit, the start
+    of each stage's transaction that handled it (kernel_events.at is the
+    transaction's now()) and the KernelReady's arrival here (wall clock, one
+    machine)."""
+    conn = await asyncpg.connect(pgadmin.asyncpg_dsn(db_url))
+    try:
+        found = await conn.fetch(
+            "SELECT correlation_id, event, extract(epoch FROM at) AS t FROM kernel_events "
+            "WHERE correlation_id = ANY($1::varchar[])", list(sent_wall))
+    finally:
+        await conn.close()
+    at: dict[str, dict[str, float]] = {}
+    for r in found:
+        at.setdefault(r["correlation_id"], {})[r["event"]] = float(r["t"])
+    spans: dict[str, list[float]] = {k: [] for k in SEGMENTS}
+    for cid, t0 in sent_wall.items():
+        t = at.get(cid, {})
+        points = [t0, t.get("compiled"), t.get("validated"), t.get("ready"), received.get(cid)]
+        if any(p is None for p in points):
+            continue
+        for name, a, b in zip(SEGMENTS, points, points[1:], strict=False):
+            spans[name].append((b - a) * 1000)  # type: ignore[operator]
+    return {k: {"p50": round(pct(v, 0.5), 1), "p99": round(pct(v, 0.99), 1)}
+            for k, v in spans.items() if v}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -411,7 +453,8 @@ async def run_point(
             before = {k: part(k) for k in parts}
             counts0 = await worker_counters(handle)
             machine0, t0 = machine_busy(), time.perf_counter()
-            lat, offered = await latency(js, watch, rest[args.n:], args.rate)
+            sent_wall: dict[str, float] = {}
+            lat, offered = await latency(js, watch, rest[args.n:], args.rate, sent_wall)
             wall = time.perf_counter() - t0
             spent = {k: part(k) - before[k] for k in parts}
             machine = machine_busy() - machine0
@@ -444,6 +487,9 @@ async def run_point(
                   f"{result['latency_cores_busy']} ours, "
                   f"{result['latency_others_cores_busy']} others'; messages per transaction: "
                   f"{result.get('latency_msgs_per_txn')}")
+            result["latency_segments_ms"] = await segments(db_url, sent_wall, watch.wall)
+            print("  => by segment (p50 / p99 ms): " + "; ".join(
+                f"{k} {v['p50']} / {v['p99']}" for k, v in result["latency_segments_ms"].items()))
         return result
     finally:
         if isinstance(handle, WorkerProcs):
