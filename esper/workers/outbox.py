@@ -116,6 +116,15 @@ def write_literal(
     return sql, [OutboxRow(None, e, s, p) for e, s, p in zip(ids, subjects, data, strict=True)]
 
 
+def _mark_sent(event_ids: Sequence[uuid.UUID]) -> Any:
+    """The rows of ``event_ids`` not yet marked: marked sent now."""
+    return (
+        update(_outbox)
+        .where(_outbox.c.event_id.in_(event_ids), _outbox.c.sent_at.is_(None))
+        .values(sent_at=func.now())
+    )
+
+
 def mark_engine_for(engine: AsyncEngine) -> AsyncEngine:
     """A small autocommit pool on the same database whose commits do not wait
     for fsync, for marking rows sent (a lost mark is only a re-publish)."""
@@ -268,11 +277,7 @@ class OutboxRelay:
             return bool((await conn.execute(self._any_stale)).scalar())
 
     async def _mark(self, ids: list[uuid.UUID]) -> None:
-        mark = (
-            update(_outbox)
-            .where(_outbox.c.event_id.in_(ids), _outbox.c.sent_at.is_(None))
-            .values(sent_at=func.now())
-        )
+        mark = _mark_sent(ids)
         if self._mark_engine is not None:
             # One round trip: autocommit, and the connection never waits for fsync.
             async with self._mark_engine.connect() as conn:
@@ -314,9 +319,7 @@ class OutboxRelay:
             acked = await self._publish(rows)
             await self._after_publish(acked)
             if acked:
-                await session.execute(
-                    update(_outbox).where(_outbox.c.event_id.in_(acked)).values(sent_at=func.now())
-                )
+                await session.execute(_mark_sent(acked))
         self._count(len(acked))
         return len(acked), len(rows)
 

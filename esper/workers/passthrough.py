@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
+
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
 from esper.bus import events as ev
 from esper.errors import IRValidationError, Reject
@@ -51,17 +53,13 @@ def _check_blueprint(event: ev.BlueprintSubmitted) -> None:
 class _Statement:
     """SQL written with ``:name`` parameters, sent through ``ctx.fetch`` (asyncpg's
     ``$n`` placeholders, without the SQLAlchemy session machinery: most of a
-    pass-through stage's CPU went there)."""
+    pass-through stage's CPU went there). SQLAlchemy's asyncpg dialect renders
+    the placeholders once, at import."""
 
     def __init__(self, sql: str) -> None:
-        self.names: list[str] = []
-
-        def number(m: re.Match[str]) -> str:
-            if m.group(1) not in self.names:
-                self.names.append(m.group(1))
-            return f"${self.names.index(m.group(1)) + 1}"
-
-        self.sql = re.sub(r"(?<!:):([a-z_]+)", number, sql)
+        compiled = text(sql).compile(dialect=asyncpg_dialect())
+        self.sql = str(compiled)
+        self.names: list[str] = list(compiled.positiontup or ())
 
     async def fetch(self, ctx: HandlerContext[Any], params: dict[str, Any]) -> Sequence[Any]:
         return await ctx.fetch(self.sql, *(params[n] for n in self.names))

@@ -331,8 +331,9 @@ class Worker:
                 self.metrics.transaction()
                 break
             except _HandlerFailed as failed:
-                # Inside a handler only SQLAlchemy's errors speak for Postgres; an
-                # OSError there may be the handler's own disk or network.
+                # Inside a handler only database errors (SQLAlchemy's or asyncpg's)
+                # speak for Postgres; an OSError there may be the handler's own
+                # disk or network.
                 outage_now = isinstance(failed.exc, _DATABASE_ERRORS) and is_database_outage(
                     failed.exc
                 )

@@ -43,6 +43,7 @@ class OpeningConflict(Exception):
     """The statement sent with BEGIN hit a unique violation (the transaction
     was rolled back): for the inbox claim, an event already claimed."""
 
+
 _ENGINE = "esper.engine"
 
 
