@@ -270,6 +270,7 @@ async def latency(
     await asyncio.gather(*pending)
     offered = len(subs) / (time.perf_counter() - start)
     await watch.until_all(set(sent), 60)
+    # In submission order, so that the caller can see when in the run the tail fell.
     return [(watch.at[c] - t) * 1000 for c, t in sent.items()], offered
 
 
@@ -487,6 +488,12 @@ async def run_point(
                   f"{result['latency_cores_busy']} ours, "
                   f"{result['latency_others_cores_busy']} others'; messages per transaction: "
                   f"{result.get('latency_msgs_per_txn')}")
+            per_s = max(1, round(offered))
+            result["latency_max_ms_by_second"] = [
+                round(max(lat[i:i + per_s]), 1) for i in range(0, len(lat), per_s)
+            ]
+            print("  => worst journey of each second of the run (ms): "
+                  + " ".join(f"{v:.0f}" for v in result["latency_max_ms_by_second"]))
             result["latency_segments_ms"] = await segments(db_url, sent_wall, watch.wall)
             print("  => by segment (p50 / p99 ms): " + "; ".join(
                 f"{k} {v['p50']} / {v['p99']}" for k, v in result["latency_segments_ms"].items()))

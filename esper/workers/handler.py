@@ -37,8 +37,11 @@ class HandlerContext(Generic[E]):
         msgs: Sequence[Msg],
         stage: str,
         num_delivered: int,
+        *,
+        defer: bool = True,
     ) -> None:
         self._txn = txn
+        self._defer = defer and isinstance(txn, StageTxn)
         self.stage = stage
         # The highest delivery count among the events being handled (1: first try).
         self.num_delivered = num_delivered
@@ -58,6 +61,21 @@ class HandlerContext(Generic[E]):
             conn = await self._txn.connection()
             return (await conn.exec_driver_sql(sql, args)).all()
         return await self._txn.raw.fetch(sql, *args)  # type: ignore[no-any-return]
+
+    async def execute_at_commit(self, sql: str) -> None:
+        """Run ``sql`` in the transaction, sent with its COMMIT (one round trip
+        fewer): a self-contained statement (values inline, see
+        esper.workers.sqltext) whose result nobody reads. Should it fail there,
+        the runtime runs the group again with such statements sent at once."""
+        if not self._defer:
+            if isinstance(self._txn, AsyncSession):
+                conn = await self._txn.connection()
+                await conn.exec_driver_sql(sql)
+            else:
+                await self._txn.raw.execute(sql)
+            return
+        assert isinstance(self._txn, StageTxn)
+        self._txn.defer(sql)
 
     def emit(self, event: ev.EsperEvent) -> None:
         """Queue ``event`` in the outbox; it is published only if this commits."""

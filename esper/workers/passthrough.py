@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
 from esper.bus import events as ev
 from esper.errors import IRValidationError, Reject
+from esper.workers import sqltext
 from esper.workers.handler import HandlerContext
 
 BACKEND = "passthrough"
@@ -282,14 +283,14 @@ _READY = _Statement(
     """
 )
 
-_DEPLOY = _Statement(
-    """
-    INSERT INTO deployments (kernel_id, target, seed_schema)
-    SELECT k, t, s
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:targets AS varchar[]),
-                CAST(:schemas AS jsonb[])) AS x(k, t, s)
-    """
-)
+def _deploy_sql(deployed: dict[uuid.UUID, tuple[str, str]]) -> str:
+    """The deployments of the newly ready kernels, one statement with its
+    values inline: it returns nothing, so it rides with the COMMIT."""
+    values = ",".join(
+        f"({sqltext.uuid_literal(k)},{sqltext.text_literal(t)},{sqltext.text_literal(s)}::jsonb)"
+        for k, (t, s) in deployed.items()
+    )
+    return f"INSERT INTO deployments (kernel_id, target, seed_schema) VALUES {values};"
 
 
 class DeployPassThrough(_PassThrough):
@@ -343,14 +344,7 @@ class DeployPassThrough(_PassThrough):
                 )
             )
         if deployed:
-            await _DEPLOY.fetch(
-                ctx,
-                {
-                    "ids": list(deployed),
-                    "targets": [v[0] for v in deployed.values()],
-                    "schemas": [v[1] for v in deployed.values()],
-                },
-            )
+            await ctx.execute_at_commit(_deploy_sql(deployed))
 
 
 def _schemas(

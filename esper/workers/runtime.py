@@ -51,7 +51,7 @@ from esper.workers.failures import Verdict, classify, describe, is_database_outa
 from esper.workers.handler import Handler, HandlerContext, batch_capable
 from esper.workers.logging import log_context
 from esper.workers.metrics import WorkerMetrics
-from esper.workers.txn import OpeningConflict, StageTransactions, StageTxn
+from esper.workers.txn import ClosingFailed, OpeningConflict, StageTransactions, StageTxn
 
 log = logging.getLogger(__name__)
 
@@ -397,12 +397,22 @@ class Worker:
         again by a statement that skips what is already claimed."""
         claimed = [(d.event.event_id, d.subject) for d in work if d.event is not None]
         opening = inbox.claim_literal(self.stage, claimed)
-        if opening is not None:
+        defer = True
+        while True:
             try:
-                return await self._attempt(work, dead, whole_batch, claimed, opening)
+                return await self._attempt(
+                    work, dead, whole_batch, claimed, opening, defer=defer
+                )
             except OpeningConflict:
-                pass
-        return await self._attempt(work, dead, whole_batch, claimed, None)
+                opening = None
+            except ClosingFailed as failed:
+                # A statement a handler deferred to the COMMIT failed: run the
+                # group again with them sent at once, so that it fails inside
+                # the handler, where the event at fault can be found.
+                if not defer:
+                    raise failed.cause from failed
+                log.info("a deferred statement failed (%s); running the group again", failed)
+                defer = False
 
     async def _attempt(
         self,
@@ -411,6 +421,8 @@ class Worker:
         whole_batch: bool,
         claimed: list[tuple[uuid.UUID, str]],
         opening: str | None,
+        *,
+        defer: bool,
     ) -> list[outbox.OutboxRow]:
         assert self._txns is not None
         async with self._txns.begin(opening or "") as txn:
@@ -429,7 +441,7 @@ class Worker:
             payloads: list[bytes] = []
             groups = [todo] if whole_batch and len(todo) > 1 else [[d] for d in todo]
             for ds in groups:
-                ctx = await self._handle(txn, ds, batch=len(ds) > 1)
+                ctx = await self._handle(txn, ds, batch=len(ds) > 1, defer=defer)
                 emitted += ctx.emitted
                 payloads += ctx.payloads
             rows: list[outbox.OutboxRow] = []
@@ -439,11 +451,11 @@ class Worker:
         return written + rows
 
     async def _handle(
-        self, txn: StageTxn, ds: list[_Delivery], *, batch: bool
+        self, txn: StageTxn, ds: list[_Delivery], *, batch: bool, defer: bool = True
     ) -> HandlerContext[Any]:
         events = [d.event for d in ds]
         ctx: HandlerContext[Any] = HandlerContext(
-            txn, [d.msg for d in ds], self.stage, max(d.num_delivered for d in ds)
+            txn, [d.msg for d in ds], self.stage, max(d.num_delivered for d in ds), defer=defer
         )
         first = events[0]
         assert first is not None

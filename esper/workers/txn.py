@@ -21,7 +21,10 @@ simple-protocol round trip (inline values, esper.workers.sqltext), so a
 stage transaction whose handler sends one statement costs three round trips
 instead of five. Each costs two process wake-ups, and on a 2-vCPU machine
 those cost more CPU than the statements (benchmarks/RESULTS.md, "Event
-pipeline")."""
+pipeline"). A handler's statements that return nothing may ride with the
+COMMIT too (``StageTxn.defer``). If one fails there, ClosingFailed tells the
+runtime, which runs the group again with them sent at once: the failure is
+then the handler's, and the event at fault is isolated as usual."""
 
 from __future__ import annotations
 
@@ -34,14 +37,25 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from esper.workers.failures import is_database_outage
+
 log = logging.getLogger(__name__)
 
-__all__ = ["OpeningConflict", "StageTransactions", "StageTxn", "engine_of"]
+__all__ = ["ClosingFailed", "OpeningConflict", "StageTransactions", "StageTxn", "engine_of"]
 
 
 class OpeningConflict(Exception):
     """The statement sent with BEGIN hit a unique violation (the transaction
     was rolled back): for the inbox claim, an event already claimed."""
+
+
+class ClosingFailed(Exception):
+    """A statement a handler deferred to the COMMIT (``StageTxn.defer``) failed
+    there; the transaction was rolled back. ``cause`` is the server's error."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 _ENGINE = "esper.engine"
@@ -64,7 +78,12 @@ class StageTxn:
         self._conn = conn
         self._engine = engine
         self._session: AsyncSession | None = None
-        self.closing = ""  # statements sent with the COMMIT (they return nothing)
+        self.closing = ""  # the runtime's statements sent with the COMMIT
+        self.deferred: list[str] = []  # handlers' statements, sent before ``closing``
+
+    def defer(self, sql: str) -> None:
+        """Send ``sql`` (self-contained, returning nothing) with the COMMIT."""
+        self.deferred.append(sql if sql.rstrip().endswith(";") else sql + ";")
 
     @property
     def session(self) -> AsyncSession:
@@ -113,7 +132,13 @@ class StageTransactions:
             try:
                 yield txn
                 await txn.close_session()
-                await raw.execute(txn.closing + "COMMIT;")
+                closing = "".join(txn.deferred) + txn.closing + "COMMIT;"
+                try:
+                    await raw.execute(closing)
+                except asyncpg.PostgresError as exc:
+                    if txn.deferred and not is_database_outage(exc):
+                        raise ClosingFailed(exc) from exc
+                    raise
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     await txn.close_session()

@@ -22,6 +22,7 @@ from esper.bus.topology import DeliveryPolicy, Topology, ensure_topology
 from esper.errors import Reject, Retry
 from esper.workers.runtime import HandlerContext
 from tests.integration.runtime_helpers import (
+    FAST,
     FAST_POLICY,
     js_client,
     rows,
@@ -226,6 +227,80 @@ async def test_a_redelivered_event_in_a_group_of_new_ones_is_skipped_alone(
     assert handler.calls == {"k0": 1, "k1": 1, "k2": 1}
     assert await effects(engine) == {"k0": 1, "k1": 1, "k2": 1}
     assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 3
+
+
+class Deferring:
+    """A batch handler whose only effect rides with the COMMIT
+    (``execute_at_commit``): one counter row per event, as Recorder's. The
+    statement for a cache_key in ``poison`` breaks a NOT NULL constraint."""
+
+    def __init__(self, poison: frozenset[str] = frozenset()) -> None:
+        self.calls: Counter[str] = Counter()
+        self.poison = poison
+
+    async def __call__(self, event: ev.KernelCompiled, ctx: HandlerContext[Any]) -> None:
+        await self.handle_many([event], ctx)
+
+    async def handle_many(self, events: list[ev.KernelCompiled], ctx: HandlerContext[Any]) -> None:
+        for event in events:
+            self.calls[event.cache_key] += 1
+            digest = "NULL" if event.cache_key in self.poison else (
+                "'" + hashlib.sha256(event.cache_key.encode()).hexdigest() + "'"
+            )
+            await ctx.execute_at_commit(
+                f"INSERT INTO blueprints (hash, name, ir) VALUES ({digest}, "
+                f"'{event.cache_key}', '{{}}') ON CONFLICT (hash) DO UPDATE "
+                "SET submit_count = blueprints.submit_count + 1"
+            )
+            ctx.emit(
+                ev.KernelValidated(
+                    correlation_id=event.correlation_id, kernel_id=event.kernel_id,
+                    cache_key=event.cache_key, blueprint_hash=event.blueprint_hash,
+                    target=event.target, dtype=event.dtype, backend=event.backend,
+                    device="none",
+                )
+            )
+
+
+async def test_statements_deferred_to_the_commit_take_effect_once(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    handler = Deferring()
+    async with js_client(bus) as js:
+        await ensure_topology(js, FAST, stages=("validate",))
+        for i in range(12):
+            await publish_event(js, compiled(i))
+        # Queued before the worker starts: it takes them as one group.
+        async with running_worker("validate", bus, database_url, handler, batch=16) as worker:
+            await until_processed(worker, 12, "twelve events")
+            assert worker.metrics.value("esper_worker_transactions_total") == 1
+        assert await validated_in_stream(js) == 12
+    assert handler.calls == {f"k{i}": 1 for i in range(12)}
+    assert await effects(engine) == {f"k{i}": 1 for i in range(12)}
+
+
+async def test_a_deferred_statement_that_fails_at_commit_spares_the_rest_of_the_group(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    """The group runs again with the statements sent at once: the failure is
+    then the handler's, the event at fault is found one at a time and retried
+    to its last delivery, and the others commit once."""
+    handler = Deferring(poison=frozenset({"k3"}))
+    async with js_client(bus) as js:
+        await ensure_topology(js, FAST, stages=("validate",))
+        for i in range(6):
+            await publish_event(js, compiled(i))
+        async with running_worker("validate", bus, database_url, handler, batch=16):
+
+            async def dead() -> bool:
+                return await scalar(engine, "SELECT count(*) FROM dead_letters") == 1
+
+            await wait_for(dead, 20, "the poisoned event dead-lettered")
+    (dl,) = await rows(engine, "SELECT subject, reason, delivery_count FROM dead_letters")
+    assert dl.delivery_count == FAST_POLICY.max_deliver
+    assert "NotNullViolation" in dl.reason and "hash" in dl.reason, dl.reason
+    assert await effects(engine) == {f"k{i}": 1 for i in range(6) if i != 3}
+    assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 5
 
 
 async def test_retry_naks_with_delay_then_succeeds_once(
