@@ -8,7 +8,14 @@ redeliver later it raises ``Retry(delay)``; to give up, ``Reject(reason)``.
 A handler may also offer ``handle_many(events, ctx)`` for a whole batch (set-
 based SQL: a few statements per batch instead of a few per event). If it
 raises, the runtime rolls back and runs the batch again one event at a time,
-so the event at fault is isolated and the others still commit."""
+so the event at fault is isolated and the others still commit.
+
+The runtime claims a group's events (the inbox) before the handler runs, so
+a redelivery of an event already committed never reaches it. A handler whose
+only effects are its statements may set ``late_claim = True``: the claim then
+goes with its first statement (or, if it sends none before the commit, with
+the commit: one round trip for the whole transaction). A redelivered event
+then runs the handler's Python, but its statements still roll back."""
 
 from __future__ import annotations
 
@@ -60,6 +67,7 @@ class HandlerContext(Generic[E]):
         if isinstance(self._txn, AsyncSession):
             conn = await self._txn.connection()
             return (await conn.exec_driver_sql(sql, args)).all()
+        await self._txn.open()
         return await self._txn.raw.fetch(sql, *args)  # type: ignore[no-any-return]
 
     async def execute_at_commit(self, sql: str) -> None:
@@ -72,6 +80,7 @@ class HandlerContext(Generic[E]):
                 conn = await self._txn.connection()
                 await conn.exec_driver_sql(sql)
             else:
+                await self._txn.open()
                 await self._txn.raw.execute(sql)
             return
         assert isinstance(self._txn, StageTxn)
@@ -102,6 +111,11 @@ class BatchHandler(Protocol[E_contra]):
 
     async def handle_many(self, events: Sequence[E_contra], ctx: HandlerContext[Any], /) -> None:
         ...
+
+
+def late_claim(handler: Any) -> bool:
+    """Whether ``handler`` lets the claim ride with its first statement."""
+    return bool(getattr(handler, "late_claim", False))
 
 
 def batch_capable(handler: Any) -> bool:

@@ -17,6 +17,8 @@ from esper.db.models import InboxEntry
 from esper.workers import sqltext
 
 _inbox = cast(Table, InboxEntry.__table__)
+# The claim's unique constraint: a violation of it means "already claimed".
+CLAIM_CONSTRAINT = str(_inbox.primary_key.name)
 
 
 # One statement for any batch size (arrays, not a VALUES list): prepared once

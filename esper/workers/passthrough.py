@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
@@ -84,6 +85,9 @@ class _PassThrough:
     # likely): none downstream, where a stage takes each transaction of the
     # stage before as one burst (see esper.bus.publish.BURST_HEADER).
     linger = 0.0
+    # Its only effects are its statements: the inbox claim may ride with the
+    # first of them (esper.workers.handler).
+    late_claim = True
 
     async def __call__(self, event: Any, ctx: HandlerContext[Any]) -> None:
         await self.handle_many([event], ctx)
@@ -201,30 +205,6 @@ class CompilePassThrough(_PassThrough):
             )
 
 
-_VALIDATE = _Statement(
-    """
-    WITH moved AS (
-        UPDATE kernels SET status = 'validated', updated_at = now()
-        WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'compiled'
-        RETURNING id
-    ), checked AS (
-        INSERT INTO validations (kernel_id, device, passed, checks, reasons)
-        SELECT id, 'none', true, '[]', '[]' FROM moved
-    ), cur AS (
-        SELECT k.id, CASE WHEN m.id IS NULL THEN k.status ELSE 'validated' END AS status
-        FROM kernels k LEFT JOIN moved m ON m.id = k.id
-        WHERE k.id = ANY(CAST(:ids AS uuid[]))
-    )
-    INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
-    SELECT x.k, 'validated', cur.status, x.c, x.d
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:correlation_ids AS varchar[]),
-                CAST(:details AS jsonb[])) AS x(k, c, d)
-    JOIN cur ON cur.id = x.k
-    RETURNING kernel_id
-    """
-)
-
-
 def _unknown(events: Sequence[Any], found: set[uuid.UUID]) -> None:
     missing = [str(e.kernel_id) for e in events if e.kernel_id not in found]
     if missing:
@@ -235,21 +215,51 @@ def _details(events: Sequence[Any], stage: str) -> list[str]:
     return [json.dumps({"stage": stage, "event_id": str(e.event_id)}) for e in events]
 
 
+def _validate_sql(events: Sequence[ev.KernelCompiled], stage: str) -> str:
+    """Move the kernels to validated, record a passing validation for each
+    kernel moved and a kernel_events row per event, in input order; values
+    inline, nothing returned, so the statement rides with the COMMIT. An
+    unknown kernel breaks kernel_events' foreign key: the statement fails."""
+    rows = ",".join(
+        f"({n},{sqltext.uuid_literal(e.kernel_id)},{sqltext.text_literal(e.correlation_id)},"
+        f"{sqltext.text_literal(d)}::jsonb)"
+        for n, (e, d) in enumerate(zip(events, _details(events, stage), strict=True))
+    )
+    return f"""
+    WITH x(n, k, c, d) AS (VALUES {rows}),
+    moved AS (
+        UPDATE kernels SET status = 'validated', updated_at = now()
+        WHERE id IN (SELECT k FROM x) AND status = 'compiled'
+        RETURNING id
+    ), checked AS (
+        INSERT INTO validations (kernel_id, device, passed, checks, reasons)
+        SELECT id, 'none', true, '[]', '[]' FROM moved
+    )
+    INSERT INTO kernel_events (kernel_id, event, status, correlation_id, detail)
+    SELECT x.k, 'validated',
+           CASE WHEN m.id IS NULL THEN coalesce(k.status, 'unknown') ELSE 'validated' END,
+           x.c, x.d
+    FROM x LEFT JOIN moved m ON m.id = x.k LEFT JOIN kernels k ON k.id = x.k
+    ORDER BY x.n;
+    """
+
+
 class ValidatePassThrough(_PassThrough):
-    """validate: record a passing validation with no checks, emit KernelValidated."""
+    """validate: record a passing validation with no checks, emit KernelValidated.
+
+    Its one statement needs no answer, so it goes with the COMMIT, and the
+    whole transaction is one round trip (esper.workers.txn)."""
 
     async def handle_many(
         self, events: Sequence[ev.KernelCompiled], ctx: HandlerContext[Any]
     ) -> None:
-        result = await _VALIDATE.fetch(
-            ctx,
-            {
-                "ids": [e.kernel_id for e in events],
-                "correlation_ids": [e.correlation_id for e in events],
-                "details": _details(events, ctx.stage),
-            },
-        )
-        _unknown(events, {r[0] for r in result})
+        try:
+            await ctx.execute_at_commit(_validate_sql(events, ctx.stage))
+        except asyncpg.ForeignKeyViolationError as exc:
+            # Sent at once (the runtime's second try after it failed at the
+            # commit): one event at a time, this names the kernel at fault.
+            ids = ", ".join(str(e.kernel_id) for e in events)
+            raise Reject(f"unknown kernel(s): {ids}") from exc
         for e in events:
             ctx.emit(
                 ev.KernelValidated(

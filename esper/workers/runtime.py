@@ -48,7 +48,7 @@ from esper.bus.topology import Topology, consumer_spec, ensure_topology
 from esper.errors import ConfigError, Retry
 from esper.workers import deadletter, inbox, outbox
 from esper.workers.failures import Verdict, classify, describe, is_database_outage
-from esper.workers.handler import Handler, HandlerContext, batch_capable
+from esper.workers.handler import Handler, HandlerContext, batch_capable, late_claim
 from esper.workers.logging import log_context
 from esper.workers.metrics import WorkerMetrics
 from esper.workers.txn import ClosingFailed, OpeningConflict, StageTransactions, StageTxn
@@ -425,7 +425,9 @@ class Worker:
         defer: bool,
     ) -> list[outbox.OutboxRow]:
         assert self._txns is not None
-        async with self._txns.begin(opening or "") as txn:
+        async with self._txns.begin(opening or "", conflict=inbox.CLAIM_CONSTRAINT) as txn:
+            if opening is None or not late_claim(self.handler):
+                await txn.open()  # the claim before the handler runs
             if opening is None:
                 fresh = await inbox.claim(txn.raw, self.stage, claimed)
             else:
@@ -472,6 +474,8 @@ class Worker:
                     else:
                         await self.handler(first, ctx)
                 await txn.flush()  # a handler's bad row fails here, not at commit
+            except OpeningConflict:
+                raise  # the claim, sent with the handler's first statement: not its fault
             except Exception as exc:
                 raise _HandlerFailed(None if batch else ds[0], exc) from exc
             finally:

@@ -15,16 +15,23 @@ or COMMIT of its own; the transaction is asyncpg's. A connection whose
 transaction could not be closed cleanly (the server went away, the task was
 cancelled mid-statement) is invalidated, never returned to the pool.
 
-The runtime's own statements ride with BEGIN and COMMIT: ``begin(opening)``
-sends ``BEGIN; <opening>`` and the commit sends ``<closing> COMMIT;``, each one
-simple-protocol round trip (inline values, esper.workers.sqltext), so a
-stage transaction whose handler sends one statement costs three round trips
+The runtime's own statements ride with BEGIN and COMMIT, each pair one
+simple-protocol round trip (inline values, esper.workers.sqltext):
+``BEGIN; <opening>`` (the inbox claim) is sent by ``StageTxn.open``, and
+``<closing> COMMIT;`` (the outbox rows) by the commit. So a stage
+transaction whose handler sends one statement costs three round trips
 instead of five. Each costs two process wake-ups, and on a 2-vCPU machine
 those cost more CPU than the statements (benchmarks/RESULTS.md, "Event
-pipeline"). A handler's statements that return nothing may ride with the
-COMMIT too (``StageTxn.defer``). If one fails there, ClosingFailed tells the
-runtime, which runs the group again with them sent at once: the failure is
-then the handler's, and the event at fault is isolated as usual."""
+pipeline").
+
+A handler's statements that return nothing may ride with the COMMIT too
+(``StageTxn.defer``). If one fails there, ClosingFailed tells the runtime,
+which runs the group again with them sent at once: the failure is then the
+handler's, and the event at fault is isolated as usual. Nothing is sent
+before it is needed: the runtime opens at once (the claim before the
+handler) unless the handler allows a late claim, in which case the opening
+goes with the handler's first statement, or with the COMMIT if it sends
+none: then the whole transaction is one round trip."""
 
 from __future__ import annotations
 
@@ -35,7 +42,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.util import await_only
 
 from esper.workers.failures import is_database_outage
 
@@ -69,15 +78,28 @@ def engine_of(session: AsyncSession) -> Any:
 
 
 class StageTxn:
-    """One open stage transaction: ``raw`` (asyncpg) and, on demand, a session."""
+    """One stage transaction: ``raw`` (asyncpg) and, on demand, a session.
+
+    Nothing reaches the server until the handler first needs it (``open``: a
+    ``fetch``, or a statement through the session): a handler that only
+    defers statements gets its transaction in one round trip at the commit."""
 
     def __init__(
-        self, conn: AsyncConnection, raw: asyncpg.Connection, engine: AsyncEngine
+        self,
+        conn: AsyncConnection,
+        raw: asyncpg.Connection,
+        engine: AsyncEngine,
+        opening: str,
+        conflict: str | None,
     ) -> None:
         self.raw = raw
         self._conn = conn
         self._engine = engine
         self._session: AsyncSession | None = None
+        self._opening = "BEGIN;" + opening
+        self._conflict = conflict
+        self.opened = False  # BEGIN and the opening statements were sent
+        self.sent = False  # anything was sent (a failure then needs a ROLLBACK)
         self.closing = ""  # the runtime's statements sent with the COMMIT
         self.deferred: list[str] = []  # handlers' statements, sent before ``closing``
 
@@ -85,13 +107,53 @@ class StageTxn:
         """Send ``sql`` (self-contained, returning nothing) with the COMMIT."""
         self.deferred.append(sql if sql.rstrip().endswith(";") else sql + ";")
 
+    async def open(self) -> None:
+        """Send BEGIN and the opening statements, if not yet sent. A unique
+        violation among them raises OpeningConflict."""
+        if self.opened:
+            return
+        self.sent = True
+        try:
+            await self.raw.execute(self._opening)
+        except asyncpg.UniqueViolationError as exc:
+            raise OpeningConflict(str(exc)) from exc
+        self.opened = True
+
+    async def commit(self) -> None:
+        """The deferred statements, ``closing`` and COMMIT in one round trip
+        (after BEGIN and the opening, if not yet sent)."""
+        await self.close_session()
+        sql = "".join(self.deferred) + self.closing + "COMMIT;"
+        first = not self.opened
+        self.sent = True
+        try:
+            await self.raw.execute(self._opening + sql if first else sql)
+        except asyncpg.PostgresError as exc:
+            if (
+                first
+                and isinstance(exc, asyncpg.UniqueViolationError)
+                and exc.constraint_name == self._conflict
+            ):
+                raise OpeningConflict(str(exc)) from exc
+            if self.deferred and not is_database_outage(exc):
+                raise ClosingFailed(exc) from exc
+            raise
+
     @property
     def session(self) -> AsyncSession:
         if self._session is None:
             self._session = AsyncSession(
                 bind=self._conn, expire_on_commit=False, info={_ENGINE: self._engine}
             )
+            if not self.opened:
+                event.listen(self._conn.sync_connection, "before_cursor_execute", self._opens)
         return self._session
+
+    def _opens(self, *_: Any) -> None:
+        # Runs inside SQLAlchemy's greenlet, before the session's first
+        # statement: the transaction must be open by then.
+        if not self.opened:
+            await_only(self.open())
 
     async def flush(self) -> None:
         """Send a session's pending ORM changes (a bad row fails here)."""
@@ -101,6 +163,10 @@ class StageTxn:
     async def close_session(self) -> None:
         if self._session is not None:
             await self._session.close()  # no round trip: SQLAlchemy is in autocommit mode
+            sync = self._conn.sync_connection
+            if sync is not None and event.contains(sync, "before_cursor_execute", self._opens):
+                event.remove(sync, "before_cursor_execute", self._opens)
+            self._session = None
 
 
 class StageTransactions:
@@ -112,37 +178,27 @@ class StageTransactions:
         self._rollback_timeout = rollback_timeout
 
     @contextlib.asynccontextmanager
-    async def begin(self, opening: str = "") -> AsyncIterator[StageTxn]:
-        """An open transaction, its first statements ``opening`` (self-contained
-        SQL) sent with BEGIN: committed, with ``txn.closing``, when the block
-        ends; rolled back if it raises. A unique violation in ``opening``
-        raises OpeningConflict."""
+    async def begin(
+        self, opening: str = "", *, conflict: str | None = None
+    ) -> AsyncIterator[StageTxn]:
+        """A transaction whose first statements are ``opening`` (self-contained
+        SQL), sent with BEGIN when the block first needs the server
+        (``StageTxn.open``) or else with the commit; committed when the block
+        ends, rolled back if it raises. A unique violation in ``opening`` (on
+        the constraint named ``conflict``, when sent with the commit) raises
+        OpeningConflict."""
         async with self._engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
-            try:
-                await raw.execute("BEGIN;" + opening)
-            except asyncpg.UniqueViolationError as exc:
-                await self._rollback(conn, raw, exc)
-                raise OpeningConflict(str(exc)) from exc
-            except BaseException as exc:
-                await self._rollback(conn, raw, exc)
-                raise
-            txn = StageTxn(conn, raw, self._base)
+            txn = StageTxn(conn, raw, self._base, opening, conflict)
             try:
                 yield txn
-                await txn.close_session()
-                closing = "".join(txn.deferred) + txn.closing + "COMMIT;"
-                try:
-                    await raw.execute(closing)
-                except asyncpg.PostgresError as exc:
-                    if txn.deferred and not is_database_outage(exc):
-                        raise ClosingFailed(exc) from exc
-                    raise
+                await txn.commit()
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     await txn.close_session()
-                await self._rollback(conn, raw, exc)
+                if txn.sent:
+                    await self._rollback(conn, raw, exc)
                 raise
 
     async def _rollback(

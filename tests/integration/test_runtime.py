@@ -262,6 +262,54 @@ class Deferring:
             )
 
 
+class LateRecorder(Recorder):
+    """Recorder, its claim sent with its first statement (through the session)."""
+
+    late_claim = True
+
+
+class LateDeferring(Deferring):
+    """Deferring with a late claim: the whole transaction is one round trip."""
+
+    late_claim = True
+
+
+@pytest.mark.parametrize(
+    ("kind", "calls"),
+    [
+        # One event at a time: the first (the redelivery) fails the claim at once.
+        (LateRecorder, {"k0": 2, "k1": 1, "k2": 1}),
+        # The whole group ran before the COMMIT failed the claim, then again without k0.
+        (LateDeferring, {"k0": 2, "k1": 2, "k2": 2}),
+    ],
+)
+async def test_a_late_claim_skips_a_redelivered_event_after_its_handler_ran(
+    bus: str, database_url: str, engine: AsyncEngine, kind: type, calls: dict[str, int]
+) -> None:
+    """With ``late_claim`` the claim goes with the handler's first statement
+    (LateRecorder) or with the COMMIT (LateDeferring). The event already
+    claimed fails it; the group is claimed again and the event skipped: the
+    handler ran for it once more, its effects did not happen again."""
+    handler = kind()
+    seen = compiled(0)
+    async with js_client(bus) as js:
+        await ensure_topology(js, FAST, stages=("validate",))
+        async with running_worker("validate", bus, database_url, handler) as worker:
+            await publish_event(js, seen)
+            await until_processed(worker, 1, "the first event")
+        await js.publish(seen.subject, ev.encode(seen), headers=msg_headers(uuid.uuid4()))
+        for i in (1, 2):
+            await publish_event(js, compiled(i))
+        async with running_worker("validate", bus, database_url, handler) as worker:
+            await until_processed(worker, 2, "the two new events")
+            assert worker.metrics.value("esper_worker_duplicates_total") == 1
+            assert worker.metrics.value("esper_worker_transactions_total") == 1
+        assert await validated_in_stream(js) == 3
+    assert handler.calls == calls
+    assert await effects(engine) == {"k0": 1, "k1": 1, "k2": 1}
+    assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 3
+
+
 async def test_statements_deferred_to_the_commit_take_effect_once(
     bus: str, database_url: str, engine: AsyncEngine
 ) -> None:

@@ -173,3 +173,31 @@ async def test_one_compile_batch_claims_each_kernel_once_and_records_in_order(
     assert await scalar(engine, "SELECT count(*) FROM kernels") == 3
     assert await scalar(engine, "SELECT submit_count FROM blueprints WHERE hash = :h",
                         h=first.blueprint_hash) == 2
+
+
+async def test_an_event_for_an_unknown_kernel_is_rejected_at_validate_and_spares_the_rest(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    """The pass-through validate's statement rides with the COMMIT; for an
+    unknown kernel it fails there, and the runtime finds the event at fault
+    (the statement sent at once, one event at a time): it is dead-lettered
+    on its first delivery, naming the kernel, and the others go on."""
+    stray = ev.KernelCompiled(
+        correlation_id="stray", kernel_id=uuid.uuid4(), cache_key="nowhere",
+        blueprint_hash="b" * 64, target="cpu", dtype="float32", backend="passthrough",
+    )
+    async with pipeline(bus, database_url), js_client(bus) as js:
+        await submit_blueprints(bus, [mlp_blueprint(i) for i in range(3)])
+        await publish_event(js, stray)
+        await submit_blueprints(bus, [mlp_blueprint(i) for i in range(3, 6)])
+
+        async def settled() -> bool:
+            dead = await scalar(engine, "SELECT count(*) FROM dead_letters")
+            return dead == 1 and await ready_count(engine) == 6
+
+        await wait_for(settled, 20, "six kernels ready and the stray dead-lettered")
+    (dl,) = await rows(engine, "SELECT stage, reason, delivery_count FROM dead_letters")
+    assert (dl.stage, dl.delivery_count) == ("validate", 1)
+    assert dl.reason == f"unknown kernel(s): {stray.kernel_id}"
+    assert await scalar(engine, "SELECT count(*) FROM validations") == 6
+    assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 6
