@@ -15,7 +15,15 @@ a redelivery of an event already committed never reaches it. A handler whose
 only effects are its statements may set ``late_claim = True``: the claim then
 goes with its first statement (or, if it sends none before the commit, with
 the commit: one round trip for the whole transaction). A redelivered event
-then runs the handler's Python, but its statements still roll back."""
+then runs the handler's Python, but its statements still roll back; if the
+handler fails before the claim was sent, the group runs again claimed first,
+so only events not yet committed are judged. Such a handler lets the errors
+of ``fetch`` and of its session statements propagate (they may be the
+claim's, which the runtime deals with).
+
+``execute_at_commit`` statements run after everything else in the
+transaction (other events' statements, the runtime's rows): nothing before
+the commit sees their effects."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import asyncpg
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.exc import DBAPIError
 
 from esper.bus import events as ev
 from esper.errors import IRValidationError, Reject
@@ -217,6 +218,17 @@ def _details(events: Sequence[Any], stage: str) -> list[str]:
     return [json.dumps({"stage": stage, "event_id": str(e.event_id)}) for e in events]
 
 
+_FOREIGN_KEY_VIOLATION = "23503"
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of an asyncpg error, or of one SQLAlchemy wraps."""
+    code = getattr(exc, "sqlstate", None)
+    if code is None and isinstance(exc, DBAPIError):
+        code = getattr(exc.orig, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
 def _validate_sql(events: Sequence[ev.KernelCompiled], stage: str) -> str:
     """Move the kernels to validated, record a passing validation for each
     kernel moved and a kernel_events row per event, in input order; values
@@ -257,9 +269,12 @@ class ValidatePassThrough(_PassThrough):
     ) -> None:
         try:
             await ctx.execute_at_commit(_validate_sql(events, ctx.stage))
-        except asyncpg.ForeignKeyViolationError as exc:
-            # Sent at once (the runtime's second try after it failed at the
-            # commit): one event at a time, this names the kernel at fault.
+        except (asyncpg.ForeignKeyViolationError, DBAPIError) as exc:
+            # Sent at once: the runtime's next try after the statement failed
+            # at the commit. The runtime then takes the events one at a time,
+            # and this names the kernel at fault.
+            if _sqlstate(exc) != _FOREIGN_KEY_VIOLATION:
+                raise
             ids = ", ".join(str(e.kernel_id) for e in events)
             raise Reject(f"unknown kernel(s): {ids}") from exc
         for e in events:

@@ -51,7 +51,13 @@ from esper.workers.failures import Verdict, classify, describe, is_database_outa
 from esper.workers.handler import Handler, HandlerContext, batch_capable, late_claim
 from esper.workers.logging import log_context
 from esper.workers.metrics import WorkerMetrics
-from esper.workers.txn import ClosingFailed, OpeningConflict, StageTransactions, StageTxn
+from esper.workers.txn import (
+    ClosingFailed,
+    OpeningConflict,
+    OpeningFailed,
+    StageTransactions,
+    StageTxn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +92,22 @@ class _Delivery:
 
 
 class _HandlerFailed(Exception):
-    """A handler raised; ``delivery`` is None when it was a whole-batch call."""
+    """A handler raised; ``delivery`` is None when it was a whole-batch call.
+    ``claimed``: whether the group's claim had reached the server by then."""
 
-    def __init__(self, delivery: _Delivery | None, exc: BaseException) -> None:
+    def __init__(self, delivery: _Delivery | None, exc: BaseException, claimed: bool) -> None:
         super().__init__(str(exc))
         self.delivery = delivery
         self.exc = exc
+        self.claimed = claimed
+
+
+@dataclass
+class _Mode:
+    """How a group's transactions are run; narrowed after a failure, for the group."""
+
+    late: bool  # the claim may ride with the handler's first statement (late_claim)
+    defer: bool = True  # statements a handler defers ride with the COMMIT
 
 
 @dataclass(eq=False)
@@ -324,13 +340,32 @@ class Worker:
             dead=[(d, describe(d.error)) for d in deliveries if d.error is not None]
         )
         whole_batch = batch_capable(self.handler)
+        mode = _Mode(late=late_claim(self.handler))
         outage = 0
         while True:
+            cause: BaseException
             try:
-                out.rows = await self._transaction(work, out.dead, whole_batch)
+                out.rows = await self._transaction(work, out.dead, whole_batch, mode)
                 self.metrics.transaction()
                 break
+            except ClosingFailed as failed:
+                if mode.defer:
+                    # A statement a handler deferred to the COMMIT failed: from
+                    # now on they are sent at once, so the failure happens inside
+                    # the handler, where the event at fault can be found.
+                    log.info("a deferred statement failed (%s); running the group again", failed)
+                    mode.defer = False
+                    continue
+                cause = failed.cause
+            except OpeningFailed as failed:
+                cause = failed.cause
             except _HandlerFailed as failed:
+                if mode.late and not failed.claimed:
+                    # The handler failed before the claim reached the server: run
+                    # the group again claimed first, so that an event already
+                    # committed is skipped rather than judged.
+                    mode.late = False
+                    continue
                 # Inside a handler only database errors (SQLAlchemy's or asyncpg's)
                 # speak for Postgres; an OSError there may be the handler's own
                 # disk or network.
@@ -344,7 +379,7 @@ class Worker:
                         work.remove(failed.delivery)
                         self._judge(failed.delivery, failed.exc, out)
                     continue
-                cause: BaseException = failed.exc
+                cause = failed.exc
             except Exception as exc:
                 cause = exc
             self.metrics.failed("transaction")
@@ -389,30 +424,26 @@ class Worker:
                 out.nak.append((d, delay))
 
     async def _transaction(
-        self, work: list[_Delivery], dead: list[tuple[_Delivery, str]], whole_batch: bool
+        self,
+        work: list[_Delivery],
+        dead: list[tuple[_Delivery, str]],
+        whole_batch: bool,
+        mode: _Mode,
     ) -> list[outbox.OutboxRow]:
         """Claim, handle, write the outbox, record dead letters; commit. Returns
-        the committed outbox rows. The claim rides with BEGIN while the group
-        looks new; a redelivered event fails it, and the group is claimed
-        again by a statement that skips what is already claimed."""
+        the committed outbox rows. While the group looks new the claim is a
+        plain INSERT sent with BEGIN (or, for a late claim, with the handler's
+        first statement or the COMMIT); a redelivered event fails it, and the
+        group is claimed again by a statement that skips what is already
+        claimed."""
         claimed = [(d.event.event_id, d.subject) for d in work if d.event is not None]
         opening = inbox.claim_literal(self.stage, claimed)
-        defer = True
-        while True:
+        if opening is not None:
             try:
-                return await self._attempt(
-                    work, dead, whole_batch, claimed, opening, defer=defer
-                )
+                return await self._attempt(work, dead, whole_batch, claimed, opening, mode=mode)
             except OpeningConflict:
-                opening = None
-            except ClosingFailed as failed:
-                # A statement a handler deferred to the COMMIT failed: run the
-                # group again with them sent at once, so that it fails inside
-                # the handler, where the event at fault can be found.
-                if not defer:
-                    raise failed.cause from failed
-                log.info("a deferred statement failed (%s); running the group again", failed)
-                defer = False
+                pass
+        return await self._attempt(work, dead, whole_batch, claimed, None, mode=mode)
 
     async def _attempt(
         self,
@@ -422,11 +453,11 @@ class Worker:
         claimed: list[tuple[uuid.UUID, str]],
         opening: str | None,
         *,
-        defer: bool,
+        mode: _Mode,
     ) -> list[outbox.OutboxRow]:
         assert self._txns is not None
         async with self._txns.begin(opening or "", conflict=inbox.CLAIM_CONSTRAINT) as txn:
-            if opening is None or not late_claim(self.handler):
+            if opening is None or not mode.late:
                 await txn.open()  # the claim before the handler runs
             if opening is None:
                 fresh = await inbox.claim(txn.raw, self.stage, claimed)
@@ -443,7 +474,7 @@ class Worker:
             payloads: list[bytes] = []
             groups = [todo] if whole_batch and len(todo) > 1 else [[d] for d in todo]
             for ds in groups:
-                ctx = await self._handle(txn, ds, batch=len(ds) > 1, defer=defer)
+                ctx = await self._handle(txn, ds, batch=len(ds) > 1, defer=mode.defer)
                 emitted += ctx.emitted
                 payloads += ctx.payloads
             rows: list[outbox.OutboxRow] = []
@@ -474,10 +505,10 @@ class Worker:
                     else:
                         await self.handler(first, ctx)
                 await txn.flush()  # a handler's bad row fails here, not at commit
-            except OpeningConflict:
+            except (OpeningConflict, OpeningFailed):
                 raise  # the claim, sent with the handler's first statement: not its fault
             except Exception as exc:
-                raise _HandlerFailed(None if batch else ds[0], exc) from exc
+                raise _HandlerFailed(None if batch else ds[0], exc, txn.opened) from exc
             finally:
                 elapsed = time.perf_counter() - started
                 for _ in ds:

@@ -50,21 +50,45 @@ from esper.workers.failures import is_database_outage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClosingFailed", "OpeningConflict", "StageTransactions", "StageTxn", "engine_of"]
+__all__ = [
+    "ClosingFailed",
+    "OpeningConflict",
+    "OpeningFailed",
+    "StageTransactions",
+    "StageTxn",
+    "TransactionLeftOpen",
+    "engine_of",
+]
 
 
 class OpeningConflict(Exception):
-    """The statement sent with BEGIN hit a unique violation (the transaction
-    was rolled back): for the inbox claim, an event already claimed."""
+    """The opening statements (sent with BEGIN, or with the COMMIT when nothing
+    went before) hit a unique violation: for the inbox claim, an event already
+    claimed. The transaction is rolled back when the ``begin`` block ends."""
 
 
-class ClosingFailed(Exception):
-    """A statement a handler deferred to the COMMIT (``StageTxn.defer``) failed
-    there; the transaction was rolled back. ``cause`` is the server's error."""
+class OpeningFailed(Exception):
+    """Sending BEGIN and the opening statements failed otherwise (``cause``):
+    not the fault of a handler that happened to need the server first."""
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+class ClosingFailed(Exception):
+    """A statement a handler deferred to the COMMIT (``StageTxn.defer``) failed
+    there (``cause``, the server's error). The transaction is rolled back when
+    the ``begin`` block ends."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class TransactionLeftOpen(Exception):
+    """The COMMIT round trip ended inside a transaction: something in it kept
+    the COMMIT from running (it is rolled back, never returned to the pool open)."""
 
 
 _ENGINE = "esper.engine"
@@ -104,12 +128,16 @@ class StageTxn:
         self.deferred: list[str] = []  # handlers' statements, sent before ``closing``
 
     def defer(self, sql: str) -> None:
-        """Send ``sql`` (self-contained, returning nothing) with the COMMIT."""
-        self.deferred.append(sql if sql.rstrip().endswith(";") else sql + ";")
+        """Send ``sql`` (self-contained, returning nothing) with the COMMIT,
+        after everything else the transaction does."""
+        # On a line of its own and closed on the next: a trailing comment in
+        # ``sql`` cannot swallow the statements after it (an empty one is fine).
+        self.deferred.append(sql + "\n;")
 
     async def open(self) -> None:
         """Send BEGIN and the opening statements, if not yet sent. A unique
-        violation among them raises OpeningConflict."""
+        violation among them raises OpeningConflict; any other failure,
+        OpeningFailed."""
         if self.opened:
             return
         self.sent = True
@@ -117,6 +145,8 @@ class StageTxn:
             await self.raw.execute(self._opening)
         except asyncpg.UniqueViolationError as exc:
             raise OpeningConflict(str(exc)) from exc
+        except Exception as exc:
+            raise OpeningFailed(exc) from exc
         self.opened = True
 
     async def commit(self) -> None:
@@ -138,6 +168,8 @@ class StageTxn:
             if self.deferred and not is_database_outage(exc):
                 raise ClosingFailed(exc) from exc
             raise
+        if self.raw.is_in_transaction():
+            raise TransactionLeftOpen("the COMMIT did not run: " + sql[-200:])
 
     @property
     def session(self) -> AsyncSession:

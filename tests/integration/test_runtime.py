@@ -234,9 +234,10 @@ class Deferring:
     (``execute_at_commit``): one counter row per event, as Recorder's. The
     statement for a cache_key in ``poison`` breaks a NOT NULL constraint."""
 
-    def __init__(self, poison: frozenset[str] = frozenset()) -> None:
+    def __init__(self, poison: frozenset[str] = frozenset(), comment: str = "") -> None:
         self.calls: Counter[str] = Counter()
         self.poison = poison
+        self.comment = comment  # appended to each statement
 
     async def __call__(self, event: ev.KernelCompiled, ctx: HandlerContext[Any]) -> None:
         await self.handle_many([event], ctx)
@@ -250,7 +251,7 @@ class Deferring:
             await ctx.execute_at_commit(
                 f"INSERT INTO blueprints (hash, name, ir) VALUES ({digest}, "
                 f"'{event.cache_key}', '{{}}') ON CONFLICT (hash) DO UPDATE "
-                "SET submit_count = blueprints.submit_count + 1"
+                "SET submit_count = blueprints.submit_count + 1" + self.comment
             )
             ctx.emit(
                 ev.KernelValidated(
@@ -283,8 +284,13 @@ class LateDeferring(Deferring):
         (LateDeferring, {"k0": 2, "k1": 2, "k2": 2}),
     ],
 )
-async def test_a_late_claim_skips_a_redelivered_event_after_its_handler_ran(
-    bus: str, database_url: str, engine: AsyncEngine, kind: type, calls: dict[str, int]
+async def test_a_late_claim_skips_a_redelivered_event_after_its_handler_ran(  # noqa: PLR0917
+    bus: str,
+    database_url: str,
+    engine: AsyncEngine,
+    kind: type,
+    calls: dict[str, int],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """With ``late_claim`` the claim goes with the handler's first statement
     (LateRecorder) or with the COMMIT (LateDeferring). The event already
@@ -306,7 +312,63 @@ async def test_a_late_claim_skips_a_redelivered_event_after_its_handler_ran(
             assert worker.metrics.value("esper_worker_transactions_total") == 1
         assert await validated_in_stream(js) == 3
     assert handler.calls == calls
+    # The claim's conflict was seen as such, not as a deferred statement's failure.
+    assert "deferred statement failed" not in caplog.text
     assert await effects(engine) == {"k0": 1, "k1": 1, "k2": 1}
+    assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 3
+
+
+class FickleLateDeferring(LateDeferring):
+    """Rejects an event it has seen before, before any statement: run on a
+    redelivery of a committed event, that must not dead-letter it."""
+
+    async def handle_many(self, events: list[ev.KernelCompiled], ctx: HandlerContext[Any]) -> None:
+        if any(self.calls[e.cache_key] for e in events if e.cache_key == "k0"):
+            self.calls["refused"] += 1
+            raise Reject("seen k0 before")
+        await super().handle_many(events, ctx)
+
+
+async def test_a_late_claim_handler_failing_before_the_claim_is_run_again_claimed_first(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    handler = FickleLateDeferring()
+    seen = compiled(0)
+    async with js_client(bus) as js:
+        await ensure_topology(js, FAST, stages=("validate",))
+        async with running_worker("validate", bus, database_url, handler) as worker:
+            await publish_event(js, seen)
+            await until_processed(worker, 1, "the first event")
+        await js.publish(seen.subject, ev.encode(seen), headers=msg_headers(uuid.uuid4()))
+        await publish_event(js, compiled(1))
+        async with running_worker("validate", bus, database_url, handler) as worker:
+            await until_processed(worker, 1, "the new event")
+            assert worker.metrics.value("esper_worker_duplicates_total") == 1
+    # The group failed before its claim; claimed first, k0 was skipped, k1 handled.
+    assert handler.calls == {"k0": 1, "refused": 1, "k1": 1}
+    assert await scalar(engine, "SELECT count(*) FROM dead_letters") == 0
+    assert await effects(engine) == {"k0": 1, "k1": 1}
+
+
+async def test_a_deferred_statement_ending_in_a_comment_still_commits(
+    bus: str, database_url: str, engine: AsyncEngine
+) -> None:
+    """Each deferred statement ends on a line of its own: a trailing comment
+    cannot swallow the outbox rows and the COMMIT after it."""
+    handler = LateDeferring(comment=" -- the COMMIT must not end up in here;")
+    async with running_worker("validate", bus, database_url, handler) as worker, js_client(
+        bus
+    ) as js:
+        for i in range(3):
+            await publish_event(js, compiled(i))
+        await until_processed(worker, 3, "three events")
+
+        async def all_sent() -> bool:
+            sent = "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
+            return await scalar(engine, sent) == 3
+
+        await wait_for(all_sent, 15, "three outbox rows published")
+    assert await effects(engine) == {f"k{i}": 1 for i in range(3)}
     assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 3
 
 
