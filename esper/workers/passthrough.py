@@ -151,9 +151,10 @@ class CompilePassThrough(_PassThrough):
     # The head of the pipeline: submissions arrive one by one, and the groups
     # formed here travel through every later stage as they are (200 events/s:
     # ~4 per transaction instead of ~2 with the runtime's 6 ms at every stage).
-    # 15 ms, not 20: with validate's transaction one round trip, p99 44 against
-    # 54 ms (medians of 5 interleaved runs) for 7% more CPU; 10 and 12 ms cost
-    # more CPU and were no faster (benchmarks/RESULTS.md, "Event pipeline").
+    # 15 ms, not 20: p99 44 against 54 ms at 200 events/s (medians of 5
+    # interleaved runs) for 7% more CPU, on 2 cores with room to spare; 61
+    # against 64 ms when they had none. 10 and 12 ms cost more CPU and were
+    # no faster (benchmarks/RESULTS.md, "Event pipeline").
     linger = 0.015
 
     def __init__(self, targets: Sequence[str] = ("cpu",)) -> None:
