@@ -24,16 +24,30 @@ class Verdict(enum.Enum):
     REJECT = "reject"  # dead-letter and term now
 
 
-def _asyncpg_outage(exc: BaseException) -> bool | None:
-    """For asyncpg's own errors (statements sent around SQLAlchemy, see
-    esper.workers.txn): whether Postgres is away or aborted us; None for any
-    other exception."""
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a Postgres error, raised by asyncpg (statements sent
+    around SQLAlchemy, see esper.workers.txn) or wrapped by SQLAlchemy."""
     if isinstance(exc, asyncpg.PostgresError):
-        return (exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE
+        return exc.sqlstate
+    if isinstance(exc, DBAPIError):
+        code = getattr(exc.orig, "sqlstate", None)
+        return code if isinstance(code, str) else None
+    return None
+
+
+def _database_outage(exc: BaseException) -> bool | None:
+    """For a database error (asyncpg's or SQLAlchemy's): whether Postgres is
+    away or aborted us; None for any other exception."""
     if isinstance(exc, asyncpg.InterfaceError):
         # Bad parameter values are the message's fault; the rest (connection
         # closed, in the middle of an operation...) are the connection's.
         return not isinstance(exc, ValueError)
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, asyncpg.PostgresError | DBAPIError):
+        return (sqlstate(exc) or "")[:2] in _TRANSIENT_SQLSTATE
     return None
 
 
@@ -41,16 +55,9 @@ def is_transient(exc: BaseException) -> bool:
     """True for failures of the infrastructure rather than of the message."""
     if isinstance(exc, Retry):
         return True
-    raw = _asyncpg_outage(exc)
-    if raw is not None:
-        return raw
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        state = getattr(exc.orig, "sqlstate", None) or ""
-        return state[:2] in _TRANSIENT_SQLSTATE
+    database = _database_outage(exc)
+    if database is not None:
+        return database
     return isinstance(
         exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError | nats.errors.Error
     )
@@ -59,15 +66,9 @@ def is_transient(exc: BaseException) -> bool:
 def is_database_outage(exc: BaseException) -> bool:
     """Postgres unreachable, restarting or aborting us for reasons not of the
     message's making (connection lost, shutdown, deadlock): worth waiting out."""
-    raw = _asyncpg_outage(exc)
-    if raw is not None:
-        return raw
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        return (getattr(exc.orig, "sqlstate", None) or "")[:2] in _TRANSIENT_SQLSTATE
+    database = _database_outage(exc)
+    if database is not None:
+        return database
     # asyncpg raises plain OSErrors while connecting to a server that is down.
     return isinstance(exc, ConnectionError | OSError) and not isinstance(exc, TimeoutError)
 

@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from esper.bus import events as ev
 from esper.errors import IRValidationError, Reject
 from esper.workers import sqltext
+from esper.workers.failures import sqlstate
 from esper.workers.handler import HandlerContext
 
 BACKEND = "passthrough"
@@ -222,14 +223,6 @@ def _details(events: Sequence[Any], stage: str) -> list[str]:
 _FOREIGN_KEY_VIOLATION = "23503"
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of an asyncpg error, or of one SQLAlchemy wraps."""
-    code = getattr(exc, "sqlstate", None)
-    if code is None and isinstance(exc, DBAPIError):
-        code = getattr(exc.orig, "sqlstate", None)
-    return code if isinstance(code, str) else None
-
-
 def _validate_sql(events: Sequence[ev.KernelCompiled], stage: str) -> str:
     """Move the kernels to validated, record a passing validation for each
     kernel moved and a kernel_events row per event, in input order; values
@@ -270,11 +263,11 @@ class ValidatePassThrough(_PassThrough):
     ) -> None:
         try:
             await ctx.execute_at_commit(_validate_sql(events, ctx.stage))
-        except (asyncpg.ForeignKeyViolationError, DBAPIError) as exc:
+        except (asyncpg.PostgresError, DBAPIError) as exc:
             # Sent at once: the runtime's next try after the statement failed
             # at the commit. The runtime then takes the events one at a time,
             # and this names the kernel at fault.
-            if _sqlstate(exc) != _FOREIGN_KEY_VIOLATION:
+            if sqlstate(exc) != _FOREIGN_KEY_VIOLATION:
                 raise
             ids = ", ".join(str(e.kernel_id) for e in events)
             raise Reject(f"unknown kernel(s): {ids}") from exc

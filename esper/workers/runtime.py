@@ -484,7 +484,7 @@ class Worker:
         return written + rows
 
     async def _handle(
-        self, txn: StageTxn, ds: list[_Delivery], *, batch: bool, defer: bool = True
+        self, txn: StageTxn, ds: list[_Delivery], *, batch: bool, defer: bool
     ) -> HandlerContext[Any]:
         events = [d.event for d in ds]
         ctx: HandlerContext[Any] = HandlerContext(

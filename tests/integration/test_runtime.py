@@ -205,25 +205,38 @@ async def test_the_same_event_twice_in_the_stream_is_handled_once(
         assert worker.metrics.value("esper_worker_processed_total") == 1
 
 
+async def redelivered_among_new(
+    js: Any, bus: str, database_url: str, handler: Any, new: tuple[int, ...]
+) -> tuple[float, float]:
+    """A worker commits compiled(0). Then, while no worker runs, compiled(0) is
+    queued again (another message, the same event) with compiled(i) for each
+    of ``new``, so the next worker takes them as one group; it runs until the
+    new ones are processed. That worker's (duplicates, transactions)."""
+    seen = compiled(0)
+    await ensure_topology(js, FAST, stages=("validate",))
+    async with running_worker("validate", bus, database_url, handler) as worker:
+        await publish_event(js, seen)
+        await until_processed(worker, 1, "the first event")
+    await js.publish(seen.subject, ev.encode(seen), headers=msg_headers(uuid.uuid4()))
+    for i in new:
+        await publish_event(js, compiled(i))
+    async with running_worker("validate", bus, database_url, handler) as worker:
+        await until_processed(worker, len(new), "the new events")
+        return (
+            worker.metrics.value("esper_worker_duplicates_total"),
+            worker.metrics.value("esper_worker_transactions_total"),
+        )
+
+
 async def test_a_redelivered_event_in_a_group_of_new_ones_is_skipped_alone(
     bus: str, database_url: str, engine: AsyncEngine
 ) -> None:
     """The claim sent with BEGIN fails on the event already claimed; the group
     is claimed again, and no handler ran for the failed attempt."""
     handler = Recorder()
-    seen = compiled(0)
     async with js_client(bus) as js:
-        async with running_worker("validate", bus, database_url, handler) as worker:
-            await publish_event(js, seen)
-            await until_processed(worker, 1, "the first event")
-        # Queued while no worker runs, so the next one takes them as one group.
-        await js.publish(seen.subject, ev.encode(seen), headers=msg_headers(uuid.uuid4()))
-        for i in (1, 2):
-            await publish_event(js, compiled(i))
-        async with running_worker("validate", bus, database_url, handler) as worker:
-            await until_processed(worker, 2, "the two new events")
-            assert worker.metrics.value("esper_worker_duplicates_total") == 1
-            assert worker.metrics.value("esper_worker_transactions_total") == 1
+        counts = await redelivered_among_new(js, bus, database_url, handler, (1, 2))
+    assert counts == (1, 1)  # one duplicate, one transaction
     assert handler.calls == {"k0": 1, "k1": 1, "k2": 1}
     assert await effects(engine) == {"k0": 1, "k1": 1, "k2": 1}
     assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 3
@@ -297,19 +310,9 @@ async def test_a_late_claim_skips_a_redelivered_event_after_its_handler_ran(  # 
     claimed fails it; the group is claimed again and the event skipped: the
     handler ran for it once more, its effects did not happen again."""
     handler = kind()
-    seen = compiled(0)
     async with js_client(bus) as js:
-        await ensure_topology(js, FAST, stages=("validate",))
-        async with running_worker("validate", bus, database_url, handler) as worker:
-            await publish_event(js, seen)
-            await until_processed(worker, 1, "the first event")
-        await js.publish(seen.subject, ev.encode(seen), headers=msg_headers(uuid.uuid4()))
-        for i in (1, 2):
-            await publish_event(js, compiled(i))
-        async with running_worker("validate", bus, database_url, handler) as worker:
-            await until_processed(worker, 2, "the two new events")
-            assert worker.metrics.value("esper_worker_duplicates_total") == 1
-            assert worker.metrics.value("esper_worker_transactions_total") == 1
+        counts = await redelivered_among_new(js, bus, database_url, handler, (1, 2))
+        assert counts == (1, 1)  # one duplicate, one transaction
         assert await validated_in_stream(js) == 3
     assert handler.calls == calls
     # The claim's conflict was seen as such, not as a deferred statement's failure.
@@ -333,17 +336,9 @@ async def test_a_late_claim_handler_failing_before_the_claim_is_run_again_claime
     bus: str, database_url: str, engine: AsyncEngine
 ) -> None:
     handler = FickleLateDeferring()
-    seen = compiled(0)
     async with js_client(bus) as js:
-        await ensure_topology(js, FAST, stages=("validate",))
-        async with running_worker("validate", bus, database_url, handler) as worker:
-            await publish_event(js, seen)
-            await until_processed(worker, 1, "the first event")
-        await js.publish(seen.subject, ev.encode(seen), headers=msg_headers(uuid.uuid4()))
-        await publish_event(js, compiled(1))
-        async with running_worker("validate", bus, database_url, handler) as worker:
-            await until_processed(worker, 1, "the new event")
-            assert worker.metrics.value("esper_worker_duplicates_total") == 1
+        duplicates, _ = await redelivered_among_new(js, bus, database_url, handler, (1,))
+    assert duplicates == 1
     # The group failed before its claim; claimed first, k0 was skipped, k1 handled.
     assert handler.calls == {"k0": 1, "refused": 1, "k1": 1}
     assert await scalar(engine, "SELECT count(*) FROM dead_letters") == 0
