@@ -149,13 +149,23 @@ _MARK = "UPDATE outbox SET sent_at = now() WHERE event_id = ANY($1::uuid[]) AND 
 
 def mark_engine_for(engine: AsyncEngine) -> AsyncEngine:
     """A small autocommit pool on the same database whose commits do not wait
-    for fsync, for marking rows sent (a lost mark is only a re-publish)."""
+    for fsync, for marking rows sent (a lost mark is only a re-publish).
+
+    Custom plans, as on the workers' own connections (esper.workers.run_stage):
+    the poll's statement is prepared once and takes an array of any length,
+    and a generic plan made while the outbox was nearly empty would scan the
+    whole table, which keeps an hour of sent rows, five times a second."""
     return create_async_engine(
         engine.url,
         isolation_level="AUTOCOMMIT",
         pool_size=1,
         max_overflow=1,
-        connect_args={"server_settings": {"synchronous_commit": "off"}},
+        connect_args={
+            "server_settings": {
+                "synchronous_commit": "off",
+                "plan_cache_mode": "force_custom_plan",
+            }
+        },
     )
 
 
