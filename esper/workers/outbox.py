@@ -302,7 +302,7 @@ class OutboxRelay:
             del self._unmarked[: self.batch]
         ids = list(self._unmarked)
         async with self._raw_mark_connection() as raw:
-            stale = bool(await raw.fetchval(_MARK_AND_LOOK, ids, self.stale_after))
+            stale = bool(await raw.fetchval(_MARK_AND_LOOK, ids, float(self.stale_after)))
         del self._unmarked[: len(ids)]
         self._mark_due = None
         return stale
