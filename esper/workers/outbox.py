@@ -34,7 +34,7 @@ from typing import Any, cast
 import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from sqlalchemy import Table, delete, func, select, text, update
+from sqlalchemy import Table, delete, func, select, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -120,23 +120,14 @@ def write_literal(
     return sql, [OutboxRow(None, e, s, p) for e, s, p in zip(ids, subjects, data, strict=True)]
 
 
-def _mark_sent(event_ids: Sequence[uuid.UUID]) -> Any:
-    """The rows of ``event_ids`` not yet marked: marked sent now."""
-    return (
-        update(_outbox)
-        .where(_outbox.c.event_id.in_(event_ids), _outbox.c.sent_at.is_(None))
-        .values(sent_at=func.now())
-    )
-
-
-# Marks rows sent ($1, event ids) and answers whether the poll path has work:
-# an unsent row older than $2 seconds, not counting those just marked (the
-# statement's snapshot still sees them unsent).
-_MARK_AND_LOOK = """
-    WITH marked AS (
-        UPDATE outbox SET sent_at = now()
-        WHERE event_id = ANY($1::uuid[]) AND sent_at IS NULL
-    )
+# The rows of $1 (event ids) not yet marked: marked sent now. Every path
+# marks with it (asyncpg's placeholders; sessions send it by exec_driver_sql).
+_MARK = "UPDATE outbox SET sent_at = now() WHERE event_id = ANY($1::uuid[]) AND sent_at IS NULL"
+# _MARK, and whether the poll path has work: an unsent row older than $2
+# seconds, not counting those just marked (the statement's snapshot still
+# sees them unsent).
+_MARK_AND_LOOK = f"""
+    WITH marked AS ({_MARK})
     SELECT EXISTS (
         SELECT 1 FROM outbox
         WHERE sent_at IS NULL
@@ -144,7 +135,6 @@ _MARK_AND_LOOK = """
           AND NOT (event_id = ANY($1::uuid[]))
     )
 """
-_MARK = "UPDATE outbox SET sent_at = now() WHERE event_id = ANY($1::uuid[]) AND sent_at IS NULL"
 
 
 def mark_engine_for(engine: AsyncEngine) -> AsyncEngine:
@@ -282,13 +272,15 @@ class OutboxRelay:
             if len(self._unmarked) >= self.batch or self.mark_delay <= 0:
                 await self._mark_unmarked()
 
-    async def _mark_unmarked(self) -> None:
-        """Mark the gathered fast-path rows sent (they stay gathered if it fails)."""
-        while self._unmarked:
+    async def _mark_unmarked(self, leave: int = 0) -> None:
+        """Mark the gathered fast-path rows sent, a batch at a time, until at
+        most ``leave`` are left (they stay gathered if it fails)."""
+        while len(self._unmarked) > leave:
             ids = self._unmarked[: self.batch]
             await self._mark(ids)
             del self._unmarked[: len(ids)]
-        self._mark_due = None
+        if not self._unmarked:
+            self._mark_due = None
 
     async def _mark_and_look(self) -> bool:
         """Mark the gathered fast-path rows sent and say whether the poll path
@@ -297,9 +289,7 @@ class OutboxRelay:
         if self._mark_engine is None:
             await self._mark_unmarked()
             return True
-        while len(self._unmarked) > self.batch:  # a backlog: all but the last batch
-            await self._mark(self._unmarked[: self.batch])
-            del self._unmarked[: self.batch]
+        await self._mark_unmarked(leave=self.batch)  # a backlog: all but the last batch
         ids = list(self._unmarked)
         async with self._raw_mark_connection() as raw:
             stale = bool(await raw.fetchval(_MARK_AND_LOOK, ids, float(self.stale_after)))
@@ -315,7 +305,7 @@ class OutboxRelay:
             return
         async with self._sf() as session, session.begin():
             await session.execute(_ASYNC_COMMIT)
-            await session.execute(_mark_sent(ids))
+            await (await session.connection()).exec_driver_sql(_MARK, (ids,))
 
     @contextlib.asynccontextmanager
     async def _raw_mark_connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -365,7 +355,7 @@ class OutboxRelay:
             acked = await self._publish(rows)
             await self._after_publish(acked)
             if acked:
-                await session.execute(_mark_sent(acked))
+                await (await session.connection()).exec_driver_sql(_MARK, (acked,))
         self._count(len(acked))
         return len(acked), len(rows)
 

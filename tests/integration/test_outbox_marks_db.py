@@ -73,3 +73,13 @@ async def test_a_poll_after_the_server_dropped_the_connection_reconnects(
         assert await relay._mark_and_look() is False  # a fresh connection
     finally:
         await marks.dispose()
+
+
+async def test_without_the_mark_pool_a_mark_goes_through_a_session(engine: AsyncEngine) -> None:
+    gathered, other = uuid.uuid4(), uuid.uuid4()
+    await _insert(engine, gathered, 5.0)
+    await _insert(engine, other, 5.0)
+    relay = OutboxRelay(async_sessionmaker(engine), None)  # type: ignore[arg-type]
+    relay._unmarked = [gathered]
+    assert await relay._mark_and_look() is True  # no pool to ask: the poll path looks
+    assert await _unsent(engine) == {other}
