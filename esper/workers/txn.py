@@ -67,23 +67,23 @@ class OpeningConflict(Exception):
     claimed. The transaction is rolled back when the ``begin`` block ends."""
 
 
-class OpeningFailed(Exception):
+class _Caused(Exception):
+    """A failure the runtime judges by its ``cause``."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class OpeningFailed(_Caused):
     """Sending BEGIN and the opening statements failed otherwise (``cause``):
     not the fault of a handler that happened to need the server first."""
 
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
 
-
-class ClosingFailed(Exception):
+class ClosingFailed(_Caused):
     """A statement a handler deferred to the COMMIT (``StageTxn.defer``) failed
     there (``cause``, the server's error). The transaction is rolled back when
     the ``begin`` block ends."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
 
 
 class TransactionLeftOpen(Exception):
