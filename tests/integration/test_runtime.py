@@ -97,11 +97,7 @@ async def test_each_event_has_its_effects_once_and_its_emits_published(
         for i in range(50):
             await publish_event(js, compiled(i))
 
-        async def all_sent() -> bool:
-            sent = "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
-            return await scalar(engine, sent) == 50
-
-        await wait_for(all_sent, 15, "50 outbox rows published")
+        await until_sent(engine, 50, "50 outbox rows published")
         assert await effects(engine) == {f"k{i}": 1 for i in range(50)}
         assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 50
         assert await validated_in_stream(js) == 50
@@ -126,8 +122,7 @@ async def test_messages_arriving_within_the_linger_share_one_transaction(
         await until_processed(worker, 10, "10 events processed")
         assert worker.metrics.value("esper_worker_transactions_total") <= 2
         assert await effects(engine) == {f"k{i}": 1 for i in range(10)}
-        sent = "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
-        await wait_for(lambda: _eq(scalar(engine, sent), 10), 15, "10 outbox rows published")
+        await until_sent(engine, 10, "10 outbox rows published")
 
 
 async def test_a_message_after_a_quiet_spell_is_not_held_for_the_linger(
@@ -178,8 +173,11 @@ async def until_processed(worker: Any, n: int, what: str) -> None:
     await wait_for(done, 15, what)
 
 
-async def _eq(value: Any, expected: Any) -> bool:
-    return bool(await value == expected)
+async def until_sent(engine: AsyncEngine, n: int, what: str) -> None:
+    async def done() -> bool:
+        return await scalar(engine, "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL") == n
+
+    await wait_for(done, 15, what)
 
 
 async def test_the_same_event_twice_in_the_stream_is_handled_once(
@@ -358,11 +356,7 @@ async def test_a_deferred_statement_ending_in_a_comment_still_commits(
             await publish_event(js, compiled(i))
         await until_processed(worker, 3, "three events")
 
-        async def all_sent() -> bool:
-            sent = "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
-            return await scalar(engine, sent) == 3
-
-        await wait_for(all_sent, 15, "three outbox rows published")
+        await until_sent(engine, 3, "three outbox rows published")
     assert await effects(engine) == {f"k{i}": 1 for i in range(3)}
     assert await scalar(engine, "SELECT count(*) FROM inbox WHERE stage = 'validate'") == 3
 
